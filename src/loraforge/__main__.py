@@ -1,0 +1,3 @@
+from loraforge.cli import main
+
+raise SystemExit(main())

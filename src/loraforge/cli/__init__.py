@@ -1,0 +1,64 @@
+"""The `loraforge` command: a thin layer that parses flags and calls the pipeline stages.
+
+Each sub-command lives in its own module here with `register(subparsers)`; this file only
+dispatches and turns UserError into one clear message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from loraforge import __version__
+from loraforge.errors import UserError
+
+# Modules under loraforge.cli, each adding its sub-commands.
+COMMAND_MODULES = ["train", "recipes"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraforge",
+        description="Fine-tune Llama-family chat models with QLoRA. `loraforge train` with no arguments "
+        "runs the built-in demo on the CPU.",
+    )
+    parser.add_argument("--version", action="version", version=f"loraforge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library warnings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"loraforge.cli.{name}").register(sub)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, 'kernels not installed') hides our own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,251 @@
+"""Typed run configuration: YAML + `--set key=value` overrides, validated before anything heavy loads.
+
+Every error is reported at once with its key path (`train.learning_rate: ...`); unknown keys are
+errors, with a "did you mean" hint.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraforge.errors import UserError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+Template = Literal["llama2", "human_response", "alpaca", "chatml", "llama3", "tokenizer"]
+Shape = Literal["auto", "text", "instruction", "input_output", "messages", "tokens"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
+Scheduler = Literal["constant", "cosine", "linear"]
+LORA_TARGET_GROUPS = ("attention", "all-linear")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Section):
+    base: Optional[str] = Field(None, description="Local directory or Hub id; leave out for the built-in tiny model.")
+    revision: Optional[str] = None
+    quantization: Quantization = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "auto"
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    hub_token: Optional[str] = Field(None, description="Hub token; never written to disk or logs. Prefer HF_TOKEN.")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: Union[Literal["attention", "all-linear"], list[str]] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one module name, or 'attention' / 'all-linear'")
+        return v
+
+
+class DatasetSource(Section):
+    path: str = Field(..., description="Hub id, local file (.jsonl/.json/.csv/.parquet), save_to_disk folder or glob.")
+    format: Shape = "auto"
+    split: str = "train"
+    subset: Optional[str] = None
+    revision: Optional[str] = None
+    columns: dict[str, str] = Field(default_factory=dict, description="Our field name -> the dataset's column name.")
+    weight: Optional[float] = Field(None, gt=0, description="Sampling weight when data.mix is 'weighted'.")
+    max_rows: Optional[int] = Field(None, gt=0)
+    system_prompt: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class DataSettings(Section):
+    datasets: Optional[list[DatasetSource]] = Field(None, description="Leave out for the bundled dataset.")
+    template: Template = "llama2"
+    system_prompt: Optional[str] = None
+    max_length: int = Field(512, gt=8)
+    train_on: Literal["responses", "all"] = "responses"
+    truncation: Literal["truncate", "drop"] = "truncate"
+    mix: Literal["concat", "weighted"] = "concat"
+    eval_split: Optional[str] = Field(None, description="Use this existing split of the first source for evaluation.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    eval_size: Optional[int] = Field(None, gt=0)
+    seed: int = 0
+
+    @field_validator("datasets")
+    @classmethod
+    def _non_empty(cls, v):
+        if v is not None and not v:
+            raise ValueError("list at least one dataset, or leave 'datasets' out for the bundled one")
+        return v
+
+
+class TrainSettings(Section):
+    epochs: float = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Scheduler = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    optimizer: Optimizer = "adamw"
+    gradient_checkpointing: bool = True
+    group_by_length: bool = False
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    save_steps: Optional[int] = Field(None, gt=0, description="Checkpoint every N steps (and always at the end).")
+    save_total_limit: int = Field(2, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)
+    early_stopping_patience: Optional[int] = Field(None, gt=0)
+    max_bad_steps: int = Field(0, ge=0, description="NaN/Inf steps to skip before stopping the run.")
+    tensorboard: bool = True
+
+
+class RunConfig(Section):
+    description: str = ""
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    output_dir: Optional[str] = Field(None, description="Run directory; default runs/<name>-<timestamp>.")
+    samples: int = Field(3, ge=0, description="Before/after sample answers shown at the end of training.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.train.early_stopping_patience and not self.train.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps")
+        return self
+
+    def saved_dict(self) -> dict:
+        """The resolved config as written to the run directory: secrets removed."""
+        d = self.model_dump(mode="json")
+        d["model"].pop("hub_token", None)
+        return d
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(e["loc"])
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  - {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc) -> str:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, for example --set train.max_steps=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"config file {p} not found. List shipped recipes with: loraforge recipes")
+        return p
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = list_recipes()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UserError(f"unknown recipe '{name_or_path}'.{hint} Shipped recipes: {', '.join(names)}")
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, ...)")
+    return raw
+
+
+def load_config(recipe: Optional[str] = None, overrides: list[str] = (), *, base_dir: Optional[Path] = None) -> RunConfig:
+    """Load a recipe (path or shipped name; None = the embedded default), apply overrides, validate.
+
+    Relative local dataset paths in a YAML file are resolved against the file's folder.
+    """
+    path = resolve_recipe(recipe) if recipe else RECIPES_DIR / "demo.yaml"
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, str(path))) from None
+    cfg_dir = path.parent if not str(path).startswith(str(RECIPES_DIR)) else Path.cwd()
+    for src in cfg.data.datasets or []:
+        local = cfg_dir / src.path
+        if not Path(src.path).is_absolute() and ("*" in src.path or local.exists()):
+            src.path = str(local)
+    return cfg
+
+
+def recipe_name(recipe: Optional[str]) -> str:
+    return Path(recipe).stem if recipe else "demo"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_description(name: str) -> str:
+    return str(read_yaml(RECIPES_DIR / f"{name}.yaml").get("description", "")).strip()
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.saved_dict(), sort_keys=False))
