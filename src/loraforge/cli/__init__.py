@@ -62,3 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: say so briefly; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e}\nThis looks like a bug in loraforge; "
+              "rerun with --debug for the traceback and report it.", file=sys.stderr)
+        return 1

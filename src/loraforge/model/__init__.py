@@ -1,0 +1,1 @@
+"""The model stage: the embedded tiny default, loading with quantization, and LoRA."""

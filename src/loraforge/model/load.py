@@ -1,0 +1,108 @@
+"""Load the base model and tokenizer: local folder or Hub id, dtype for the hardware, bitsandbytes quantization."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from loraforge.config import ModelSettings
+from loraforge.errors import UserError
+from loraforge.model import tiny
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def select_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on the CPU.
+
+    The same dtype is used for the base's compute, the non-quantized weights and autocast, so the
+    fp16-on-a-bf16-checkpoint crash of the notebooks (GradScaler on bf16 grads) cannot happen.
+    """
+    on_gpu = device.startswith("cuda")
+    if name == "auto":
+        if not on_gpu:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "float16" and not on_gpu:
+        raise UserError("model.compute_dtype: float16 needs a CUDA GPU; on the CPU use 'auto' (float32) or 'bfloat16'")
+    if name == "bfloat16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise UserError("model.compute_dtype: this GPU has no bfloat16 support; use 'auto' or 'float16'")
+    return DTYPES[name]
+
+
+def resolve_base(cfg: ModelSettings) -> str:
+    """The path or Hub id to load from; the built-in tiny model is built on first use."""
+    if tiny.is_tiny(cfg.base):
+        return str(tiny.ensure_tiny_model())
+    path = Path(os.path.expanduser(cfg.base))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.base: {path} has no config.json; point it at a Hugging Face checkpoint folder")
+        return str(path)
+    if cfg.base.startswith((".", "/", "~")) or cfg.base.count("/") > 1:
+        raise UserError(f"model.base: folder {cfg.base} does not exist")
+    return cfg.base
+
+
+def _hub_kwargs(cfg: ModelSettings) -> dict:
+    token = cfg.hub_token or os.environ.get("HF_TOKEN") or None
+    return dict(revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code)
+
+
+def _explain_load_failure(what: str, base: str, err: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = ("HF_HUB_OFFLINE=1 is set, so only cached models load" if offline
+            else "check the name, your connection, and HF_TOKEN for gated models")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"could not load the {what} of '{base}': {first_line}. {hint}")
+
+
+def load_tokenizer(cfg: ModelSettings, base: Optional[str] = None):
+    """The base's tokenizer with a pad token that does not grow the vocabulary."""
+    from transformers import AutoTokenizer
+
+    base = base or resolve_base(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(base, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _explain_load_failure("tokenizer", base, e) from e
+    if tok.pad_token is None:
+        # A new pad token would resize the embeddings and break the adapter's portability.
+        tok.pad_token = tok.unk_token or tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg: ModelSettings, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "none":
+        return None
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def load_base_model(cfg: ModelSettings, dtype: torch.dtype, device: str, base: Optional[str] = None,
+                    quantize: bool = True):
+    """The base model on `device`, quantized as configured (quantize=False loads 16/32-bit, e.g. for merging)."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.attention == "flash_attention_2" and not device.startswith("cuda"):
+        raise UserError("model.attention: flash_attention_2 needs a CUDA GPU; use 'sdpa'")
+    base = base or resolve_base(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, device_map={"": device}, attn_implementation=cfg.attention, use_safetensors=True,
+            quantization_config=quantization_config(cfg, dtype) if quantize else None, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _explain_load_failure("weights", base, e) from e
+    model.config.use_cache = False
+    return model
