@@ -104,6 +104,8 @@ class TrainSettings(Section):
     optimizer: Optimizer = "adamw"
     gradient_checkpointing: bool = True
     group_by_length: bool = False
+    shuffle: bool = Field(True, description="Shuffle rows each epoch; off keeps file order (the benchmark's rule).")
+    packing: bool = Field(False, description="Concatenate each micro-batch's rows into one padding-free stream.")
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: Optional[int] = Field(None, gt=0, description="Checkpoint every N steps (and always at the end).")

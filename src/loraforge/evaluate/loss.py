@@ -21,7 +21,7 @@ def mean_token_loss(model, rows: list[dict], batch_size: int, pad_id: int, devic
             if n == 0:
                 continue
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            out = model(**batch, num_items_in_batch=n)
+            out = model(**batch, num_items_in_batch=n, use_cache=False)
             total += float(out.loss) * n
             count += n
     finally:

@@ -105,4 +105,18 @@ def load_base_model(cfg: ModelSettings, dtype: torch.dtype, device: str, base: O
     except (OSError, ValueError) as e:
         raise _explain_load_failure("weights", base, e) from e
     model.config.use_cache = False
+    if device == "cpu":
+        use_exact_cpu_kernels(model)
     return model
+
+
+def use_exact_cpu_kernels(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on one numerics path on the CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a bf16 kernel at the first
+    eval-mode forward; its outputs then differ from the fp32 training path by ~1e-2, so an eval
+    or a reloaded adapter would not reproduce what training computed.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

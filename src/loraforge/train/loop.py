@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +26,7 @@ from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.train import checkpoint as ckpt
 from loraforge.train.metrics import MetricsLog
 from loraforge.train.optim import build_optimizer, build_scheduler
-from loraforge.train.plan import BatchPlan, collate, trained_tokens
+from loraforge.train.plan import BatchPlan, collate, collate_packed, trained_tokens
 from loraforge.train.progress import TrainProgress
 from loraforge.train.signals import StopOnSignal
 
@@ -62,10 +62,14 @@ def micro_batch_loss(model, batch: dict, n_items: int) -> torch.Tensor:
     Dividing each micro-batch's sum by the step total makes accumulated gradients equal to one
     big batch's token mean, however the tokens fall into micro-batches.
     """
-    return model(**batch, num_items_in_batch=n_items).loss
+    # No KV cache in training: with one, transformers ignores the packed sequences' boundaries.
+    return model(**batch, num_items_in_batch=n_items, use_cache=False).loss
 
 
-def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = None, console=None) -> TrainResult:
+def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = None, console=None,
+                 step_hook: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+    """Train as `cfg` says into `run_dir`; `step_hook(step, record)` is called before each step
+    (record None) and after it (the step's metrics), e.g. by the benchmark to time steps."""
     from loraforge.data import prepare, write_data_report
 
     say = console.print if console is not None else print
@@ -90,7 +94,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[dtype], cpu=device == "cpu")
     plan = BatchPlan([len(r["input_ids"]) for r in data.train], cfg.train.micro_batch_size,
-                     cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length)
+                     cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length, cfg.train.shuffle)
+    make_batch = collate_packed if cfg.train.packing else collate
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model.parameters(), cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
@@ -124,14 +129,16 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     completed = start_step
     with StopOnSignal() as stop, TrainProgress(total_steps, start_step, console) as progress:
         for step in range(start_step, total_steps):
+            if step_hook:
+                step_hook(step, None)
             started = time.perf_counter()
             micro_batches = [[data.train[i] for i in rows] for rows in plan.step_rows(step)]
             n_items = sum(trained_tokens(rows) for rows in micro_batches)
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
             for index, rows in enumerate(micro_batches):
-                batch = {k: v.to(accelerator.device) for k, v in collate(rows, tokenizer.pad_token_id).items()}
-                step_tokens += int(batch["attention_mask"].sum())
+                batch = {k: v.to(accelerator.device) for k, v in make_batch(rows, tokenizer.pad_token_id).items()}
+                step_tokens += sum(len(r["input_ids"]) for r in rows)
                 last = index == len(micro_batches) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
                     loss = micro_batch_loss(model, batch, n_items)
@@ -166,6 +173,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             if device.startswith("cuda"):
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(record)
+            if step_hook:
+                step_hook(step, record)
             progress.update(step + 1, record)
             if (step + 1) % cfg.train.logging_steps == 0 or step + 1 == total_steps:
                 progress.log_line(record)

@@ -19,6 +19,7 @@ class BatchPlan:
     gradient_accumulation: int
     seed: int
     group_by_length: bool = False
+    shuffle: bool = True
 
     @property
     def rows_per_step(self) -> int:
@@ -35,8 +36,11 @@ class BatchPlan:
         return step / self.steps_per_epoch
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.lengths), generator=g).tolist()
+        else:
+            order = list(range(len(self.lengths)))
         if not self.group_by_length:
             return order
         window = self.rows_per_step * MEGABATCH_STEPS
@@ -68,6 +72,22 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One padding-free row: sequences concatenated, positions restarting at each sequence.
+
+    transformers turns restarting position_ids (with no attention_mask) into a block-diagonal
+    causal mask, so no sequence sees another. The first label of each sequence is masked so the
+    last token of one sequence is not trained to predict the first token of the next.
+    """
+    ids, labels, positions = [], [], []
+    for r in rows:
+        ids += r["input_ids"]
+        labels += [-100] + list(r["labels"][1:])
+        positions += range(len(r["input_ids"]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}
 
 
 def trained_tokens(rows: list[dict]) -> int:

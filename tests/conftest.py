@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated cache for the built-in tiny model, and one short CLI training run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline, and the tiny model is built into a throwaway folder, never the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if "LORAFORGE_TEST_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["LORAFORGE_TEST_HOME"] = tempfile.mkdtemp(prefix="loraforge-test-home-")
+os.environ["LORAFORGE_HOME"] = os.environ["LORAFORGE_TEST_HOME"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run the real `loraforge` command in a subprocess and return the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "loraforge", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from loraforge.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+SHORT_RUN_STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """One real NF4 training run of the demo through the CLI, shared by the tests that use its outputs."""
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    result = run_cli("train", "--set", f"train.max_steps={SHORT_RUN_STEPS}", "--set", "train.save_steps=8",
+                     "--set", "train.eval_steps=12", "--set", "train.logging_steps=8",
+                     "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    return run_dir
