@@ -78,6 +78,7 @@ class DataSettings(Section):
     train_on: Literal["responses", "all"] = "responses"
     truncation: Literal["truncate", "drop"] = "truncate"
     mix: Literal["concat", "weighted"] = "concat"
+    mix_size: Optional[int] = Field(None, gt=0, description="Rows drawn when mix is 'weighted'; default: all sources' rows.")
     eval_split: Optional[str] = Field(None, description="Use this existing split of the first source for evaluation.")
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     eval_size: Optional[int] = Field(None, gt=0)
@@ -147,7 +148,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + _suggest(e["loc"])
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)) \
+                and "token" not in path:  # never echo a secret
             msg += f" (got {e['input']!r})"
         lines.append(f"  - {path}: {msg}")
     return "\n".join(lines)

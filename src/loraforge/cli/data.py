@@ -1,0 +1,135 @@
+"""`loraforge data inspect [CONFIG] [--dataset PATH]`: check and describe the data without loading weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loraforge.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="inspect a dataset as training will see it")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
+    i = dsub.add_parser(
+        "inspect", help="rows, shape, token lengths, masking and truncation, without loading the model",
+        description="Load the data as `loraforge train CONFIG` would (only the tokenizer, no weights) and report "
+        "rows per source, the shape found, token lengths next to max_length, the trained share and three "
+        "examples with the masked part marked. Writes data_report.json and data_report.png.")
+    i.add_argument("config", nargs="?", help="recipe name or YAML path (default: demo)")
+    i.add_argument("--dataset", metavar="PATH", help="inspect this dataset (file, glob, save_to_disk folder or Hub id) "
+                   "instead of the config's")
+    i.add_argument("--format", choices=["auto", "text", "instruction", "input_output", "messages", "tokens"],
+                   help="shape of --dataset (default: auto)")
+    i.add_argument("--template", choices=["llama2", "human_response", "alpaca", "chatml", "llama3", "tokenizer"],
+                   help="chat template (default: the config's)")
+    i.add_argument("--max-length", type=int, metavar="N", help="max tokens per row (default: the config's)")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.train_on=all (repeatable)")
+    i.add_argument("--out", metavar="DIR", default=".", help="where to write data_report.json/.png (default: .)")
+    i.add_argument("--force", action="store_true", help="overwrite existing report files")
+    i.set_defaults(handler=run_inspect)
+
+
+def build_config(args):
+    from loraforge.config import load_config
+
+    overrides = list(args.overrides)
+    if args.template:
+        overrides.append(f"data.template={args.template}")
+    if args.max_length is not None:
+        overrides.append(f"data.max_length={args.max_length}")
+    cfg = load_config(args.config, overrides)
+    if args.dataset:
+        from loraforge.config import DatasetSource
+
+        path = args.dataset
+        local = Path(os.path.expanduser(path))
+        if local.exists() or any(ch in path for ch in "*?["):
+            path = str(local.absolute()) if local.exists() else os.path.abspath(os.path.expanduser(path))
+        cfg.data.datasets = [DatasetSource(path=path, format=args.format or "auto")]
+    elif args.format:
+        raise UserError("--format describes --dataset; for a config's datasets set format: in the config")
+    return cfg
+
+
+def load_tokenizer_for(cfg):
+    """Only the tokenizer of the config's base model (the tiny model's is built on first use)."""
+    from loraforge.model.load import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.model)
+    except UserError as e:
+        raise UserError(f"the tokenizer could not be loaded: {e}") from None
+    except Exception as e:  # noqa: BLE001 - anything from transformers/sentencepiece
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the tokenizer of '{cfg.model.base or 'the built-in tiny model'}' could not be loaded: "
+                        f"{first}. Check model.base and model.revision.") from None
+
+
+def run_inspect(args) -> int:
+    from rich.console import Console
+
+    cfg = build_config(args)
+    out = Path(args.out)
+    targets = [out / "data_report.json", out / "data_report.png"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise UserError(f"{', '.join(existing)} already exist(s); use --force to overwrite or --out DIR elsewhere.")
+    console = Console(highlight=False)
+    tokenizer = load_tokenizer_for(cfg)
+
+    from loraforge.data import prepare, write_data_report
+
+    prepared = prepare(cfg.data, tokenizer, log=lambda s: console.print(s, markup=False, style="dim", soft_wrap=True))
+    show(console, prepared.report)
+    json_path, png_path = write_data_report(prepared, out)
+    console.print(f"\nreport: {json_path}\nlength histogram: {png_path}", markup=False)
+    return 0
+
+
+def show(console, report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    src = Table(title="Sources", title_justify="left")
+    for col in ("dataset", "kind", "shape", "rows", "train rows", "columns"):
+        src.add_column(col, overflow="fold")
+    for s in report["sources"]:
+        shape = s["shape"] + (" (detected)" if s["shape_detected"] else "")
+        cols = ", ".join(f"{k}<-{v}" if k != v else k for k, v in s["columns"].items())
+        src.add_row(s["label"], s["kind"], shape, str(s["rows"]), str(s.get("train_rows", "")), cols)
+    console.print(src)
+
+    lengths = Table(title=f"Tokens per row (max_length {report['max_length']})", title_justify="left")
+    lengths.add_column("")
+    for col in ("min", "median", "p95", "max", "mean"):
+        lengths.add_column(col, justify="right")
+    for name in ("prompt", "response", "total"):
+        d = report["tokens"][name]
+        lengths.add_row(name, *(str(d[k]) for k in ("min", "median", "p95", "max", "mean")))
+    console.print(lengths)
+
+    r = report["rows"]
+    ev = f" (from {r['eval_from']})" if r["eval_from"] else ""
+    console.print(Text(
+        f"rows: {r['train']} train, {r['eval']} eval{ev}\n"
+        f"template: {report['template']['name']}; loss on {report['train_on']}; "
+        f"{report['trainable_share']:.1%} of train tokens are trained\n"
+        f"longer than max_length: {report['over_max_length']} "
+        f"(truncated {report['truncated']}, dropped {report['dropped_too_long']}); "
+        f"dropped with no trainable token: {report['dropped_no_trainable']}"))
+    for w in report["warnings"]:
+        console.print(Text(f"warning: {w}", style="yellow"))
+    for ex in report["examples"]:
+        console.print(Text(f"\nexample: {ex['where']} ({ex['tokens']} tokens, {ex['trained_tokens']} trained)",
+                           style="bold"))
+        text = Text()
+        for seg in ex["segments"]:
+            if seg["trainable"]:
+                text.append(seg["text"], style="green")
+            else:
+                text.append("⟦" + seg["text"] + "⟧", style="dim")
+        console.print(text, soft_wrap=True)  # unwrapped: the example's own line breaks only
+    if report["examples"]:
+        console.print(Text(report["legend"], style="italic"))

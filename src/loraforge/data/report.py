@@ -1,0 +1,107 @@
+"""The data report: length distribution, truncation, trainable share, marked examples; JSON + PNG."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+MASK_OPEN, MASK_CLOSE = "⟦", "⟧"  # marks text that is masked (no loss) in rendered examples
+LEGEND = f"{MASK_OPEN}…{MASK_CLOSE} is masked (no loss); everything else is trained"
+
+
+def distribution(values: list[int]) -> dict:
+    if not values:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0.0}
+    v = sorted(values)
+
+    def q(p):  # nearest-rank percentile
+        return v[min(len(v) - 1, max(0, math.ceil(p * len(v)) - 1))]
+
+    return {"min": v[0], "median": q(0.5), "p95": q(0.95), "max": v[-1], "mean": round(sum(v) / len(v), 1)}
+
+
+def histogram(values: list[int], max_length: int, bins: int = 30) -> dict:
+    if not values:
+        return {"bin_edges": [], "counts": []}
+    hi = max(max(values), max_length) + 1
+    width = max(1, math.ceil(hi / bins))
+    edges = list(range(0, width * bins + 1, width))
+    counts = [0] * bins
+    for x in values:
+        counts[min(x // width, bins - 1)] += 1
+    return {"bin_edges": edges, "counts": counts}
+
+
+def sample_lengths(lengths: dict, cap: int = 20000) -> dict:
+    """Per-row lengths for the JSON report (for plots); evenly subsampled above `cap` rows."""
+    n = len(lengths.get("total", []))
+    if n <= cap:
+        return {k: list(v) for k, v in lengths.items()}
+    step = n / cap
+    idx = [int(i * step) for i in range(cap)]
+    return {k: [v[i] for i in idx] for k, v in lengths.items()}
+
+
+def marked_segments(enc, tokenizer) -> list[dict]:
+    """The kept text of an encoded row as [{text, trainable}] runs, following the real labels."""
+    runs: list[dict] = []
+    if enc.text is not None and enc.offsets:
+        starts = [s for s, _ in enc.offsets]
+        end = enc.offsets[-1][1]
+        for k, (start, lab) in enumerate(zip(starts, enc.labels)):
+            stop = starts[k + 1] if k + 1 < len(starts) else end
+            _add(runs, enc.text[start:stop], lab != -100)
+    else:  # tokens shape: decode runs of tokens
+        group, flag = [], None
+        for tok, lab in zip(enc.input_ids, enc.labels):
+            if flag is not None and (lab != -100) != flag:
+                _add(runs, tokenizer.decode(group), flag)
+                group = []
+            group.append(tok)
+            flag = lab != -100
+        if group:
+            _add(runs, tokenizer.decode(group), flag)
+    return runs
+
+
+def _add(runs, text, trainable):
+    if runs and runs[-1]["trainable"] == trainable:
+        runs[-1]["text"] += text
+    else:
+        runs.append({"text": text, "trainable": trainable})
+
+
+def marked_text(runs: list[dict]) -> str:
+    return "".join(r["text"] if r["trainable"] else f"{MASK_OPEN}{r['text']}{MASK_CLOSE}" for r in runs)
+
+
+def write_data_report(prepared, run_dir) -> tuple[Path, Path]:
+    """Write data_report.json and data_report.png (lengths next to max_length) into run_dir."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = run_dir / "data_report.json", run_dir / "data_report.png"
+    json_path.write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+    plot_lengths(prepared.lengths, prepared.report["max_length"], png_path)
+    return json_path, png_path
+
+
+def plot_lengths(lengths: dict, max_length: int, path: Path) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    total = lengths.get("total", [])
+    fig = Figure(figsize=(7, 3.6), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if total:
+        hi = max(max(total), max_length)
+        bins = 40
+        ax.hist([lengths.get("prompt", []), lengths.get("response", [])], bins=bins, range=(0, hi),
+                stacked=False, histtype="step", label=["prompt tokens", "response tokens"], color=["#888", "#2a7"])
+        ax.hist(total, bins=bins, range=(0, hi), alpha=0.35, color="#36c", label="total tokens")
+    ax.axvline(max_length, color="#c33", linestyle="--", label=f"max_length = {max_length}")
+    over = sum(1 for x in total if x > max_length)
+    ax.set_title(f"Token lengths of {len(total)} rows ({over} over max_length)")
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)

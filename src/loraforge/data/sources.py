@@ -1,0 +1,273 @@
+"""Load one configured source with the `datasets` library: Hub id, local file, glob, save_to_disk folder.
+
+Each loaded source knows how to name a row for error messages (`line 12` of a .jsonl file, `row 3`
+elsewhere), including which file of a glob it came from.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import glob as globlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from loraforge.errors import UserError
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_LOCAL_HINT = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".arrow")
+
+
+def bundled_path() -> Path:
+    """The bundled demo dataset: guanaco-llama2 style rows {"text": "<s>[INST] ... [/INST] ... </s>"}."""
+    return Path(__file__).resolve().parent.parent / "assets" / "demo_chat.jsonl"
+
+
+@dataclass
+class LoadedSource:
+    label: str
+    kind: str  # hub | file | glob | disk
+    dataset: object  # datasets.Dataset
+    files: list[str] = field(default_factory=list)  # for file/glob: one per part
+    starts: list[int] = field(default_factory=list)  # first row index of each part
+    _lines: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def where(self, index: int) -> str:
+        """`file.jsonl line 7` / `row 7` for the 0-based row index."""
+        if not self.files:
+            return f"row {index + 1}"
+        part = bisect.bisect_right(self.starts, index) - 1
+        path, local = self.files[part], index - self.starts[part]
+        prefix = f"{path} " if self.kind == "glob" else ""
+        if path.endswith(".jsonl"):
+            return f"{prefix}line {self._line_of(path, local)}"
+        return f"{prefix}row {local + 1}"
+
+    def _line_of(self, path: str, local: int) -> int:
+        # The json loader skips blank lines; map the row to its real line number.
+        if path not in self._lines:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                self._lines[path] = [n for n, line in enumerate(f, 1) if line.strip()]
+        lines = self._lines[path]
+        return lines[local] if local < len(lines) else local + 1
+
+
+def is_local(path: str) -> bool:
+    return (
+        os.path.exists(path)
+        or path.startswith(("/", ".", "~"))
+        or path.lower().endswith(_LOCAL_HINT)
+        or any(ch in path for ch in "*?[")
+    )
+
+
+@contextlib.contextmanager
+def quiet_datasets(progress: bool):
+    """Silence the datasets library's own logging (and progress bars for local files)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    if not progress:
+        datasets.disable_progress_bars()
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not progress and not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def load_source(src, split: Optional[str] = None) -> LoadedSource:
+    """Load `src` (a DatasetSource); `split` overrides src.split (used for data.eval_split)."""
+    split = split or src.split
+    path = os.path.expanduser(src.path)
+    if any(ch in path for ch in "*?["):
+        files = sorted(globlib.glob(path, recursive=True))
+        files = [f for f in files if os.path.isfile(f)]
+        if not files:
+            raise UserError(f"dataset glob '{src.path}' matches no files. Check the pattern and the folder.")
+        exts = {Path(f).suffix.lower() for f in files}
+        if len(exts) > 1:
+            raise UserError(f"dataset glob '{src.path}' matches files of several kinds ({', '.join(sorted(exts))}); "
+                            "narrow the pattern to one, e.g. *.jsonl")
+        return _load_files(src, files, split, kind="glob")
+    if os.path.isdir(path):
+        return _load_disk(src, path, split)
+    if os.path.isfile(path):
+        return _load_files(src, [path], split, kind="file")
+    if is_local(src.path):
+        raise UserError(f"dataset file '{src.path}' not found (relative paths in a config file are resolved "
+                        "against the config file's folder).")
+    return _load_hub(src, split)
+
+
+def _builder(path: str) -> str:
+    ext = Path(path).suffix.lower()
+    if ext not in BUILDERS:
+        raise UserError(
+            f"{path}: unsupported file type '{ext or '(none)'}'. Use .jsonl, .json (an array of objects), .csv "
+            "or .parquet, a folder written by datasets' save_to_disk, or a Hub dataset id."
+        )
+    return BUILDERS[ext]
+
+
+def _load_files(src, files: list[str], split: str, kind: str) -> LoadedSource:
+    import datasets
+
+    parts, starts, n = [], [], 0
+    for f in files:
+        builder = _builder(f)
+        if builder != "parquet" and _blank(f):
+            raise UserError(f"{f}: the file is empty. Put one example per line (or row), or remove the file.")
+        kwargs = {}
+        if builder == "csv":  # read every column as text: numeric-looking answers stay strings
+            kwargs["features"] = _csv_string_features(f)
+        try:
+            with quiet_datasets(progress=False):
+                ds = datasets.load_dataset(builder, data_files=f, split=split, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            if builder == "json":
+                _explain_json(f)  # raises with the line number when it can find one
+            raise _load_error(f, split, e) from None
+        parts.append(ds)
+        starts.append(n)
+        n += len(ds)
+    ds = parts[0] if len(parts) == 1 else _concat(parts, src.path)
+    ds = _limit(ds, src)
+    return LoadedSource(label=src.path, kind=kind, dataset=ds, files=files, starts=starts)
+
+
+def _blank(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    return not head.strip() and os.path.getsize(path) <= len(head)
+
+
+def _concat(parts, label):
+    import datasets
+
+    try:
+        return datasets.concatenate_datasets(parts)
+    except Exception as e:
+        raise UserError(f"dataset glob '{label}': the files have different columns or types ({e}). "
+                        "List them as separate sources instead.") from None
+
+
+def _csv_string_features(path: str):
+    import csv
+
+    from datasets import Features, Value
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise UserError(f"{path}: empty CSV file; the first line must name the columns.")
+    return Features({name: Value("string") for name in header})
+
+
+def _explain_json(path: str) -> None:
+    """Find the first bad line/row of a JSON(L) file the loader rejected, and say what is wrong."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}). Fix the file.") from None
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: row {i}: expected an object with named fields, got {type(row).__name__}.")
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno}). "
+                            "Each line must be one JSON object; fix or remove the line.") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {n}: expected a JSON object with named fields, got "
+                            f"{type(row).__name__}. Each line must look like {{\"text\": \"...\"}}.")
+
+
+def _load_error(path: str, split: str, e: Exception) -> UserError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "split" in msg.lower() and split not in ("train",):
+        return UserError(f"{path}: no split '{split}' (a local file has only 'train'; slices like "
+                         f"'train[:100]' work). Use data.eval_fraction or eval_size to hold out rows.")
+    return UserError(f"{path}: could not be read as a dataset: {msg}")
+
+
+def _load_disk(src, path: str, split: str) -> LoadedSource:
+    import datasets
+
+    markers = ("dataset_dict.json", "state.json", "dataset_info.json")
+    if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+        raise UserError(f"{path} is a folder but not one written by datasets' save_to_disk. "
+                        "Point at the data files instead, e.g. path: '{path}/*.jsonl'.")
+    try:
+        with quiet_datasets(progress=False):
+            ds = datasets.load_from_disk(path)
+    except Exception as e:
+        raise UserError(f"{path}: could not load the save_to_disk folder: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: no split '{split}'; it has: {', '.join(ds)}. Set split: to one of them.")
+        ds = ds[split]
+    return LoadedSource(label=src.path, kind="disk", dataset=_limit(ds, src))
+
+
+def _offline() -> bool:
+    try:
+        import datasets
+
+        if datasets.config.HF_HUB_OFFLINE or getattr(datasets.config, "HF_DATASETS_OFFLINE", False):
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_hub(src, split: str) -> LoadedSource:
+    import datasets
+
+    kwargs = {"split": split}
+    if src.revision:
+        kwargs["revision"] = src.revision
+    if src.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    label = f"{src.path}" + (f" ({src.subset})" if src.subset else "") + f" [{split}]"
+    try:
+        with quiet_datasets(progress=True):
+            ds = datasets.load_dataset(src.path, src.subset, **kwargs)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "check the name or your connection"
+        if _offline():
+            hint += "; offline mode is on: set HF_HUB_OFFLINE=0 (and HF_DATASETS_OFFLINE=0) to download"
+        if "split" in reason.lower():
+            hint = "check the split name (for example train, validation, test)"
+        raise UserError(f"could not load dataset {src.path} from the Hub: {reason}. {hint[0].upper() + hint[1:]}.") from None
+    return LoadedSource(label=label, kind="hub", dataset=_limit(ds, src))
+
+
+def _limit(ds, src):
+    if src.max_rows and len(ds) > src.max_rows:
+        return ds.select(range(src.max_rows))
+    return ds
