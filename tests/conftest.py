@@ -1,10 +1,10 @@
 """Shared fixtures: an isolated cache for the built-in tiny model, and one short CLI training run."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from cli_runner import SHORT_RUN_STEPS, run_cli
 
 # Offline, and the tiny model is built into a throwaway folder, never the user's cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,12 +14,6 @@ if "LORAFORGE_TEST_HOME" not in os.environ:
 
     os.environ["LORAFORGE_TEST_HOME"] = tempfile.mkdtemp(prefix="loraforge-test-home-")
 os.environ["LORAFORGE_HOME"] = os.environ["LORAFORGE_TEST_HOME"]
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
-    """Run the real `loraforge` command in a subprocess and return the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "loraforge", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +28,6 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-SHORT_RUN_STEPS = 24
 
 
 @pytest.fixture(scope="session")

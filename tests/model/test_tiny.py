@@ -20,7 +20,7 @@ def _build_in(home: Path, monkeypatch) -> Path:
 
 
 def _staging_leftovers(home: Path) -> list[Path]:
-    return list((home / "models").glob(".tiny-llama-v1.tmp-*"))
+    return list((home / "models").glob(".tiny-llama-v2.tmp-*"))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def tok(built):
 
 def test_builds_a_loadable_llama_checkpoint(built):
     home, path = built
-    assert path == home / "models" / "tiny-llama-v1"
+    assert path == home / "models" / "tiny-llama-v2"
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.model",
                  "tokenizer.json", "tokenizer_config.json"):
         assert (path / name).is_file(), name
@@ -117,12 +117,12 @@ def test_a_crashed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
         mp.setattr(transformers.LlamaForCausalLM, "save_pretrained", crash_mid_save)
         with pytest.raises(OSError, match="No space left"):
             _build_in(tmp_path, mp)
-    target = tmp_path / "models" / "tiny-llama-v1"
+    target = tmp_path / "models" / "tiny-llama-v2"
     assert not target.exists()
     assert not _staging_leftovers(tmp_path)
 
     # A build killed outright (no cleanup) and a hand-made partial folder do not fool the next call.
-    killed = tmp_path / "models" / ".tiny-llama-v1.tmp-killed"
+    killed = tmp_path / "models" / ".tiny-llama-v2.tmp-killed"
     killed.mkdir()
     (killed / "tokenizer.model").write_bytes(b"partial")
     os.utime(killed, (time.time() - 7200, time.time() - 7200))  # killed two hours ago
@@ -135,7 +135,7 @@ def test_a_crashed_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatc
 
 
 def test_losing_a_build_race_keeps_the_winners_checkpoint(tmp_path, monkeypatch):
-    target = tmp_path / "models" / "tiny-llama-v1"
+    target = tmp_path / "models" / "tiny-llama-v2"
     real_build = tiny.build_tiny_model
 
     def build_then_another_process_finishes_first(out_dir):
@@ -155,8 +155,8 @@ def test_home_and_names(monkeypatch, tmp_path):
     assert tiny.loraforge_home() == tmp_path / ".cache" / "loraforge"
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path / "lf"))
     assert tiny.loraforge_home() == tmp_path / "lf"
-    assert tiny.TINY_MODEL_NAME == "tiny-llama-v1"
-    assert all(tiny.is_tiny(b) for b in (None, "tiny", "loraforge/tiny-llama-v1"))
+    assert tiny.TINY_MODEL_NAME == "tiny-llama-v2"
+    assert all(tiny.is_tiny(b) for b in (None, "tiny", "loraforge/tiny-llama-v2"))
     assert not any(tiny.is_tiny(b) for b in ("meta-llama/Llama-2-7b-chat-hf", "./tiny", ""))
 
 

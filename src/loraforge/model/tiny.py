@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-TINY_MODEL_NAME = "tiny-llama-v1"
+TINY_MODEL_NAME = "tiny-llama-v2"  # v2: the output head drawn wider (HEAD_INIT_STD)
 _STAGING_PREFIX = f".{TINY_MODEL_NAME}.tmp-"
 _TINY_ALIASES = {"tiny", TINY_MODEL_NAME, f"loraforge/{TINY_MODEL_NAME}"}
 DEMO_DATA = Path(__file__).resolve().parent.parent / "assets" / "demo_chat.jsonl"
@@ -33,6 +33,11 @@ VOCAB_SIZE = 3000  # an upper bound: a small corpus supports fewer pieces (hard_
 # of 32 (688, Llama's 2.6875 ratio, fails) and llama.cpp's k-quants need rows of 256.
 MODEL_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=1024)
+
+# The output head stays frozen under LoRA. At the usual std of 0.02 a 256-wide random head gives the
+# largest logit a normalized hidden state can reach about 5, so no adapter can push the loss far
+# below ln(vocab) and the demo would not visibly learn; at 0.1 it can (trained heads are that wide).
+HEAD_INIT_STD = 0.1
 
 # Markers of the Llama-2 chat format: removed from the tokenizer's training text, so that they do
 # not dominate the merges (Llama-2's own vocabulary has no single piece for them either).
@@ -201,6 +206,8 @@ def _save_model(out_dir: Path, vocab_size: int) -> None:
     with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, HEAD_INIT_STD)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     with _quiet_progress_bars():
         model.save_pretrained(str(out_dir))  # safetensors, the only format transformers 5 writes
