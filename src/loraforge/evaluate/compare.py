@@ -1,0 +1,337 @@
+"""`loraforge eval`: the base model and the fine-tuned model on the same rows, side by side.
+
+- loss and perplexity on the response tokens (the labels training used) and on all tokens;
+- task metrics on greedy answers where the rows have a reference reply;
+- answers of both models to the first few prompts.
+
+The base is the very same quantized model with the adapter turned off (`disable_adapter()`), so
+the comparison isolates what the adapter learned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from loraforge.errors import UserError
+from loraforge.evaluate.metrics import Metric, mean_scores, resolve_metrics
+
+EVAL_FILE = "eval.json"
+DEFAULT_TRAIN_ROWS = 64  # rows sampled from the training set when evaluating on it
+SAMPLE_SEED = 0
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def load_run_config(run_dir: Path):
+    """The run's resolved RunConfig from config.yaml."""
+    import yaml
+    from pydantic import ValidationError
+
+    from loraforge.config import RunConfig, _format_errors
+
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} not found; give the folder `loraforge train` wrote")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return RunConfig.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise UserError(_format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
+
+
+def find_adapter(run_dir: Path, adapter: Optional[str] = None) -> tuple[Path, str]:
+    """The adapter folder to evaluate and how it was chosen.
+
+    `adapter` may be an adapter folder or a checkpoint folder; by default the run's final
+    `adapter/`, else (a run still going or stopped) its newest complete checkpoint.
+    """
+    from loraforge.train.checkpoint import latest_checkpoint
+
+    def is_adapter(p: Path) -> bool:
+        return (p / "adapter_config.json").is_file()
+
+    if adapter:
+        p = Path(adapter)
+        for candidate in (p, p / "adapter"):
+            if is_adapter(candidate):
+                return candidate, f"adapter {candidate}"
+        raise UserError(f"--adapter {adapter}: no adapter_config.json there (nor in {p / 'adapter'}); give an "
+                        "adapter folder or a checkpoint folder such as RUN/checkpoints/step-000100")
+    final = Path(run_dir) / "adapter"
+    if is_adapter(final):
+        return final, f"final adapter {final}"
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is not None and is_adapter(ckpt / "adapter"):
+        return ckpt / "adapter", f"no final adapter yet: newest checkpoint {ckpt.name}"
+    raise UserError(f"{run_dir} has no adapter/ and no complete checkpoint: training has not saved anything yet")
+
+
+def load_run_model(cfg, adapter_dir: Path):
+    """The run's base, quantized as in training, with the adapter loaded (inference mode), and its device.
+
+    Like `loraforge.infer.session.load_session`, but for any adapter folder (a checkpoint's too).
+    """
+    from peft import PeftModel
+
+    from loraforge.infer.session import inference_settings
+    from loraforge.model.load import load_base_model, resolve_base, select_device
+
+    device = select_device()
+    settings, dtype = inference_settings(cfg.model, device)  # a GPU run can be evaluated on a CPU
+    base = load_base_model(settings, dtype, device, resolve_base(settings))
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
+                        f"{first}. Was the run's base model changed?") from e
+    model.eval()
+    return model, device
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    rows: list[dict]
+    indices: list[int]
+    split: str  # "eval" or "train"
+    note: str
+
+
+def select_rows(data, split: str = "eval", limit: Optional[int] = None) -> Selection:
+    """Which prepared rows to evaluate. Training rows are a fixed-seed sample, so reruns agree."""
+    if split not in ("eval", "train"):
+        raise UserError(f"--split {split}: choose 'eval' (held-out rows) or 'train'")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--rows {limit}: give a positive number of rows")
+    note = ""
+    if split == "eval":
+        if data.eval:
+            n = len(data.eval) if limit is None else min(limit, len(data.eval))
+            return Selection(data.eval[:n], list(range(n)), "eval",
+                             f"{n} held-out rows (the run's eval split"
+                             + (f", first {n} of {len(data.eval)})." if n < len(data.eval) else ")."))
+        note = ("This run has no eval split (set data.eval_fraction, eval_size or eval_split to hold rows out); "
+                "using training rows instead. ")
+    k = min(len(data.train), limit or DEFAULT_TRAIN_ROWS)
+    indices = sorted(random.Random(SAMPLE_SEED).sample(range(len(data.train)), k))
+    return Selection([data.train[i] for i in indices], indices, "train",
+                     note + f"{k} training rows (a fixed sample, seed {SAMPLE_SEED}, of {len(data.train)}): "
+                     "the training distribution, not held out.")
+
+
+def _last_response_span(labels: list[int]) -> Optional[tuple[int, int]]:
+    end = max((i for i, t in enumerate(labels) if t != -100), default=None)
+    if end is None:
+        return None
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return start, end + 1
+
+
+def prompt_and_reference(row: dict, tokenizer, template) -> Optional[dict]:
+    """The conversation up to the last reply, the prompt string, and the reply, recovered from a row.
+
+    The row's text is parsed back with the template (giving the exact training prompt); failing
+    that, the last run of trained labels is the reply. None when neither works (e.g. `tokens` rows
+    trained on every token).
+    """
+    ids = list(row["input_ids"])
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    messages = template.parse(text)
+    if messages and messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
+        context = messages[:-1]
+        try:
+            prompt = template.prompt(context)
+        except ValueError:
+            prompt = None
+        if prompt is not None:
+            p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            if ids[:len(p_ids)] == p_ids:  # the canonical prompt is what training saw
+                return {"messages": context, "prompt": prompt, "reference": messages[-1]["content"].strip()}
+    span = _last_response_span(row["labels"])
+    if span is None or span[0] == 0:
+        return None
+    prompt = tokenizer.decode(ids[:span[0]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    reference = tokenizer.decode(ids[span[0]:span[1]], skip_special_tokens=True)
+    for stop in template.stop_strings:
+        if stop and stop in reference:
+            reference = reference[:reference.index(stop)]
+    reference = reference.strip()
+    if not reference:
+        return None
+    parsed = template.parse(prompt)
+    context = parsed if parsed and parsed[-1]["role"] == "user" else [{"role": "user", "content": prompt}]
+    return {"messages": context, "prompt": prompt, "reference": reference}
+
+
+def _question(messages: list[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+def loss_side_by_side(model, rows: list[dict], batch_size: int, pad_id: int, device) -> dict:
+    """{responses|all: {base|tuned: {loss, perplexity, tokens}}} on the same rows."""
+    from loraforge.evaluate.loss import mean_token_loss, perplexity
+
+    variants = {"responses": rows,
+                "all": [{"input_ids": r["input_ids"], "labels": list(r["input_ids"])} for r in rows]}
+    out = {}
+    for name, variant in variants.items():
+        out[name] = {}
+        for who in ("base", "tuned"):
+            if who == "base":
+                with model.disable_adapter():
+                    loss, n = mean_token_loss(model, variant, batch_size, pad_id, device)
+            else:
+                loss, n = mean_token_loss(model, variant, batch_size, pad_id, device)
+            out[name][who] = {"loss": loss, "perplexity": perplexity(loss), "tokens": n}
+    return out
+
+
+def generate_both(model, tokenizer, examples: list[dict], template, max_new_tokens: int,
+                  progress: Optional[Callable[[int, int], None]] = None) -> list[tuple[str, str]]:
+    """Greedy answers of the base (adapter off) and the fine-tuned model to each example's prompt."""
+    from loraforge.infer.generate import generate_reply, reply_stop_strings
+
+    kw = dict(max_new_tokens=max_new_tokens, stop_strings=reply_stop_strings(template))  # as `loraforge generate`
+    out = []
+    for i, ex in enumerate(examples):
+        with model.disable_adapter():
+            base = generate_reply(model, tokenizer, ex["prompt"], **kw)
+        tuned = generate_reply(model, tokenizer, ex["prompt"], **kw)
+        out.append((base, tuned))
+        if progress:
+            progress(i + 1, len(examples))
+    return out
+
+
+@dataclass
+class EvalOptions:
+    split: str = "eval"
+    rows: Optional[int] = None
+    metrics: list[str] = field(default_factory=list)  # empty: the defaults; ["none"]: loss only
+    samples: int = 5
+    max_new_tokens: int = 128
+    batch_size: Optional[int] = None
+    adapter: Optional[str] = None
+
+
+def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable[[str], None] = print,
+                 progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Evaluate a run, write RUN_DIR/eval.json, and return what was written."""
+    from loraforge.data import prepare
+    from loraforge.model.load import load_tokenizer, resolve_base
+
+    run_dir = Path(run_dir)
+    started = time.time()
+    cfg = load_run_config(run_dir)
+    metrics: list[Metric] = resolve_metrics(opts.metrics)  # bad --metric fails before any loading
+    if opts.samples < 0 or opts.max_new_tokens <= 0 or (opts.batch_size is not None and opts.batch_size <= 0):
+        raise UserError("--samples must be >= 0, --max-new-tokens and --batch-size > 0")
+    if opts.rows is not None and opts.rows <= 0:
+        raise UserError(f"--rows {opts.rows}: give a positive number of rows")
+    adapter_dir, adapter_note = find_adapter(run_dir, opts.adapter)
+    base = resolve_base(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, base)
+    data = prepare(cfg.data, tokenizer, log=lambda *_: None)
+    sel = select_rows(data, opts.split, opts.rows)
+    log(f"eval: {sel.note} {adapter_note}.")
+
+    model, device = load_run_model(cfg, adapter_dir)
+    batch_size = opts.batch_size or cfg.train.micro_batch_size
+    loss = loss_side_by_side(model, sel.rows, batch_size, tokenizer.pad_token_id, device)
+
+    # Prompts and references for generation: every row when scoring, else just the samples shown.
+    wanted = len(sel.rows) if metrics else opts.samples
+    examples, skipped = [], 0
+    for pos, row in enumerate(sel.rows):
+        if len(examples) >= wanted:
+            break
+        ex = prompt_and_reference(row, tokenizer, data.template)
+        if ex is None:
+            skipped += 1
+            continue
+        truncated = len(row["input_ids"]) >= cfg.data.max_length
+        examples.append({"index": sel.indices[pos], "split": sel.split, "truncated": truncated, **ex})
+    answers = generate_both(model, tokenizer, examples, data.template, opts.max_new_tokens, progress) if examples else []
+
+    per_row = []
+    scored = [ex for ex in examples if not ex["truncated"]]  # a cut-off reference is not a fair target
+    for ex, (base_answer, tuned_answer) in zip(examples, answers):
+        record = {"index": ex["index"], "question": _question(ex["messages"]), "prompt": ex["prompt"],
+                  "reference": ex["reference"], "base": base_answer, "tuned": tuned_answer}
+        if metrics and not ex["truncated"]:
+            row = {k: ex[k] for k in ("index", "split", "messages", "prompt", "reference")}
+            record["scores"] = {"base": {m.name: m.score(base_answer, ex["reference"], row) for m in metrics},
+                                "tuned": {m.name: m.score(tuned_answer, ex["reference"], row) for m in metrics}}
+        per_row.append(record)
+
+    result_metrics, metric_note = {}, None
+    if metrics:
+        with_scores = [r for r in per_row if "scores" in r]
+        base_means = mean_scores([r["scores"]["base"] for r in with_scores], metrics)
+        tuned_means = mean_scores([r["scores"]["tuned"] for r in with_scores], metrics)
+        result_metrics = {m.name: {"base": base_means[m.name]["mean"], "tuned": tuned_means[m.name]["mean"],
+                                   "rows": tuned_means[m.name]["rows"]} for m in metrics}
+        if not with_scores:
+            metric_note = "No task metrics: none of the rows has a reference reply that could be recovered."
+        elif skipped or len(with_scores) < len(sel.rows):
+            metric_note = (f"Task metrics on {len(with_scores)} of {len(sel.rows)} rows "
+                           f"({skipped} without a recoverable reference, "
+                           f"{len(examples) - len(scored)} truncated at max_length).")
+    else:
+        metric_note = "Task metrics were turned off (--metric none)."
+
+    result = {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run_dir": str(run_dir),
+        "adapter": str(adapter_dir),
+        "adapter_note": adapter_note,
+        "base_model": base,
+        "device": device,
+        "split": sel.split,
+        "split_note": sel.note,
+        "rows": len(sel.rows),
+        "row_indices": sel.indices,
+        "loss": loss,
+        "loss_note": ("This run trained on all tokens (data.train_on: all), so its labels cover the prompts too: "
+                      "the response-token rows equal the all-token rows." if cfg.data.train_on == "all" else None),
+        "metrics": result_metrics,
+        "metric_rows": sum(1 for r in per_row if "scores" in r),
+        "metric_note": metric_note,
+        "samples": per_row[:opts.samples],
+        "answers": per_row,
+        "settings": {"max_new_tokens": opts.max_new_tokens, "batch_size": batch_size, "decoding": "greedy",
+                     "metrics": [m.name for m in metrics]},
+        "seconds": round(time.time() - started, 1),
+    }
+    write_json_atomic(run_dir / EVAL_FILE, result)
+    return result
+
+
+def write_json_atomic(path: Path, data) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

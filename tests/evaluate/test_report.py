@@ -1,0 +1,172 @@
+"""The run report: self-contained HTML from the run directory, rendered by headless Chromium."""
+import base64
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
+from cli_runner import run_cli
+from loraforge.config import RunConfig, save_config
+from loraforge.evaluate.report import write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+EVAL = {
+    "version": 1, "split": "eval", "split_note": "2 held-out rows (the run's eval split).", "rows": 2,
+    "loss": {"responses": {"base": {"loss": 2.5, "perplexity": math.exp(2.5), "tokens": 40},
+                           "tuned": {"loss": 1.25, "perplexity": math.exp(1.25), "tokens": 40}},
+             "all": {"base": {"loss": 3.0, "perplexity": math.exp(3.0), "tokens": 60},
+                     "tuned": {"loss": 2.0, "perplexity": math.exp(2.0), "tokens": 60}}},
+    "metrics": {"exact_match": {"base": 0.0, "tuned": 0.5, "rows": 2},
+                "rouge_l": {"base": 0.75, "tuned": 0.25, "rows": 2}},
+    "metric_rows": 2, "settings": {"max_new_tokens": 16},
+    "samples": [{"question": "Say hi & <b>bye</b>", "base": "<script>alert('x')</script>", "tuned": "hi",
+                 "reference": "hi"}],
+}
+
+
+class Tables(HTMLParser):
+    """Tables by id as rows of cell texts, images' alt texts, script tags."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.tables, self.alts, self.scripts, self.images = {}, [], 0, []
+        self._table = self._row = self._cell = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(a.get("id", f"unnamed-{len(self.tables)}"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+        elif tag == "img":
+            self.alts.append(a.get("alt"))
+            self.images.append(a.get("src", ""))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.fixture(scope="module")
+def report_run(short_run, tmp_path_factory):
+    """A copy of the short run with a hand-written eval.json, and its report."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    (run / "eval.json").write_text(json.dumps(EVAL))
+    write_report(run)
+    return run
+
+
+def test_every_train_writes_a_report(short_run):
+    page = (short_run / "report.html").read_text()
+    t = Tables(page)
+    assert "loss curve" in t.alts and "train-samples" in t.tables and "environment" in t.tables
+    assert str(short_run / "report.html") in (short_run / "stdout.txt").read_text()
+
+
+def test_report_is_self_contained_and_shows_the_numbers(report_run):
+    page = (report_run / "report.html").read_text()
+    t = Tables(page)
+    assert t.scripts == 0 and "<script>alert" not in page  # no JavaScript, answers escaped
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # nothing fetched from elsewhere
+    for src in t.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"loss curve", "throughput and memory", "token length histogram"} <= set(t.alts)
+
+    loss = t.tables["eval-loss"]
+    assert loss[0] == ["", "base", "fine-tuned", "change", "tokens"]
+    assert loss[1] == ["loss (response tokens)", "2.5", "1.25", "−1.25", "40"]
+    assert loss[2] == ["perplexity (response tokens)", "12.18", "3.49", "−8.692", "40"]
+    assert loss[3] == ["loss (all tokens)", "3", "2", "−1", "60"]
+    metrics = t.tables["eval-metrics"]
+    assert metrics[1] == ["exact_match", "0", "0.5", "+0.5", "2"]
+    assert metrics[2] == ["rouge_l", "0.75", "0.25", "−0.5", "2"]
+    assert re.search(r'class="better">−1\.25<', page) and re.search(r'class="worse">−0\.5<', page)
+    assert t.tables["eval-samples"][1] == ["Say hi & <b>bye</b>", "<script>alert('x')</script>", "hi", "hi"]
+
+    summary = json.loads((report_run / "summary.json").read_text())
+    params = dict(t.tables["data-report"])
+    assert params["training rows"] == f"{json.loads((report_run / 'data_report.json').read_text())['rows']['train']:,}"
+    assert f"{summary['trainable_parameters']:,}" in page
+    env = dict(t.tables["environment"])
+    import torch
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and "bitsandbytes" in env
+    assert "max_steps: 24" in page  # the resolved config
+
+
+def _chromium(*args, tmp_path):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report_run, tmp_path, record_property):
+    url = (report_run / "report.html").as_uri()
+    dom = _chromium("--dump-dom", url, tmp_path=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    t = Tables(dom.stdout)
+    assert "loss curve" in t.alts
+    for table in ("eval-loss", "eval-metrics", "eval-samples", "data-report", "train-samples", "environment"):
+        assert t.tables.get(table), f"table #{table} missing from the rendered page"
+    assert t.tables["eval-loss"][1][:3] == ["loss (response tokens)", "2.5", "1.25"]
+    assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+
+    shot = tmp_path / "report.png"
+    result = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", url, tmp_path=tmp_path)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    from matplotlib.image import imread
+
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (2400, 1280)
+    assert pixels[..., :3].std() > 0.05  # a page with text and charts, not a blank one
+    record_property("screenshot", str(shot))
+    print(f"report screenshot: {shot}")
+
+
+def test_report_of_an_unfinished_run_and_the_report_command(tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    save_config(RunConfig(), run / "config.yaml")
+    records = [{"step": s, "loss": 3.0 - 0.5 * s, "lr": 1e-4, "tokens_per_s": 100.0 + s, "grad_norm": 1.0}
+               for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {tmp_path / "opened.txt"}\n')
+    browser.chmod(0o755)
+
+    result = run_cli("report", str(run), "--open", env={"BROWSER": f"{browser} %s"})
+    assert result.returncode == 0, result.stderr
+    assert f"report: {run / 'report.html'}" in result.stdout
+    assert (tmp_path / "opened.txt").read_text().strip() == (run / "report.html").resolve().as_uri()
+    page = (run / "report.html").read_text()
+    t = Tables(page)
+    assert "in progress or stopped" in page and "No eval.json yet" in page and "loss curve" in t.alts
+    assert "not recorded with the run" in page  # versions of this machine, said so
+    assert not [p for p in os.listdir(run) if p.startswith(".report-")]  # no temp file left behind
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    result = run_cli("report", str(tmp_path))
+    assert result.returncode == 2 and "has no config.yaml" in result.stderr and "Traceback" not in result.stderr
