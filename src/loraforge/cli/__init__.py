@@ -15,7 +15,7 @@ from loraforge import __version__
 from loraforge.errors import UserError
 
 # Modules under loraforge.cli, each adding its sub-commands.
-COMMAND_MODULES = ["train", "recipes"]
+COMMAND_MODULES = ["train", "recipes", "data", "evaluate", "report", "infer", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

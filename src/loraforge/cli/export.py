@@ -1,0 +1,124 @@
+"""`loraforge merge` and `loraforge export gguf|adapter`: a run's result as files other tools load."""
+from __future__ import annotations
+
+from rich.console import Console
+
+from loraforge.export import GGUF_TYPES, MERGE_DTYPES
+
+
+def _hub_options(p, what: str) -> None:
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help=f"also upload the {what} to this Hub repository "
+                   "(created if needed; the token comes from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+
+
+def register(sub) -> None:
+    merge = sub.add_parser(
+        "merge", help="fold a run's adapter into the base weights: a plain transformers checkpoint",
+        description="Merge the LoRA adapter into the base model and save a checkpoint folder (safetensors, "
+        "tokenizer with the training chat template, template.json) that AutoModelForCausalLM loads without PEFT. "
+        "A 4-bit or 8-bit run is merged into the base reloaded in 16/32-bit, not into the quantized weights.")
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory written by `loraforge train`")
+    merge.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    merge.add_argument("--dtype", choices=MERGE_DTYPES, default="auto",
+                       help="weights' dtype [auto: the base checkpoint's own, float32 for the built-in tiny model]")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _hub_options(merge, "merged model")
+    merge.set_defaults(handler=run_merge)
+
+    export = sub.add_parser("export", help="write a run as GGUF (llama.cpp) or copy/push its adapter")
+    kinds = export.add_subparsers(dest="export_kind", metavar="KIND", required=True)
+    gguf = kinds.add_parser(
+        "gguf", help="a GGUF file that llama.cpp (and transformers' gguf_file=) loads",
+        description="Write a Llama checkpoint as GGUF with llama.cpp's `gguf` writer: architecture metadata, the "
+        "SentencePiece vocabulary with scores and token types, special tokens and the training chat template. "
+        "SOURCE is a run directory (its adapter is merged in memory, in float32) or a folder from `loraforge merge`.")
+    gguf.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
+    gguf.add_argument("--out", required=True, metavar="FILE.gguf")
+    gguf.add_argument("--type", choices=GGUF_TYPES, default="f16",
+                      help="weights: f16 (half size, near-exact), q8_0 (8-bit, quarter size), f32 (exact) [f16]")
+    gguf.add_argument("--force", action="store_true", help="replace an existing --out file")
+    gguf.set_defaults(handler=run_gguf)
+
+    adapter = kinds.add_parser(
+        "adapter", help="copy a run's adapter (PEFT format + tokenizer + template) and/or push it to the Hub",
+        description="The run's adapter/ folder loads with plain PeftModel.from_pretrained on its base model. "
+        "Copy it with --out, upload it with --push-to-hub, or both.")
+    adapter.add_argument("run_dir", metavar="RUN_DIR")
+    adapter.add_argument("--out", metavar="DIR", help="copy the adapter folder here")
+    adapter.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    _hub_options(adapter, "adapter")
+    adapter.set_defaults(handler=run_adapter)
+
+
+def run_merge(args) -> int:
+    from loraforge.cli.infer import quiet_progress_bars
+
+    quiet_progress_bars()
+    from loraforge.export.merge import merge_to_folder
+    from loraforge.export.paths import check_output
+    from loraforge.infer.session import read_run
+
+    console = Console(highlight=False, soft_wrap=True)
+    read_run(args.run_dir)
+    check_output(args.out, args.force)
+    with console.status("merging the adapter into the base weights"):
+        out, merged, dtype = merge_to_folder(args.run_dir, args.out, args.dtype, args.force)
+    if merged.note:
+        console.print(f"note: {merged.note}")
+    console.print(f"merged model ({str(dtype).removeprefix('torch.')}): {out}\n"
+                  f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); GGUF: "
+                  f"loraforge export gguf {out} --out {out}.gguf")
+    if args.push_to_hub:
+        _push(console, out, args.push_to_hub, args.private, "merged model")
+    return 0
+
+
+def run_gguf(args) -> int:
+    from loraforge.cli.infer import quiet_progress_bars
+
+    quiet_progress_bars()
+    from loraforge.export.gguf import export_gguf
+
+    console = Console(highlight=False, soft_wrap=True)
+    with console.status(f"writing {args.type} GGUF"):
+        result = export_gguf(args.source, args.out, args.type, args.force)
+    if result.note:
+        console.print(f"note: {result.note}")
+    size = result.path.stat().st_size / 2**20
+    template = "the training chat template" if result.chat_template else "no chat template"
+    console.print(f"GGUF ({args.type}, {result.tensors} tensors, {result.vocab_size} tokens, {template}, "
+                  f"{size:.1f} MiB): {result.path}\nrun it with llama.cpp: llama-cli -m {result.path} -cnv")
+    return 0
+
+
+def run_adapter(args) -> int:
+    import shutil
+
+    from loraforge.errors import UserError
+    from loraforge.export.paths import check_output, written_whole
+    from loraforge.infer.session import read_run
+
+    if not args.out and not args.push_to_hub:
+        raise UserError("export adapter: give --out DIR to copy the adapter, --push-to-hub OWNER/NAME to upload it, "
+                        "or both")
+    console = Console(highlight=False, soft_wrap=True)
+    info = read_run(args.run_dir)
+    folder = info.adapter_dir
+    if args.out:
+        out = check_output(args.out, args.force)
+        with written_whole(out, folder=True) as tmp:
+            shutil.copytree(info.adapter_dir, tmp, dirs_exist_ok=True)
+        console.print(f"adapter (PEFT format, tokenizer, template.json): {out}")
+        folder = out
+    if args.push_to_hub:
+        _push(console, folder, args.push_to_hub, args.private, "adapter")
+    return 0
+
+
+def _push(console, folder, repo: str, private: bool, what: str) -> None:
+    from loraforge.export.hub import push_folder
+
+    with console.status(f"uploading the {what} to {repo}"):
+        url = push_folder(folder, repo, private=private, what=what)
+    console.print(f"pushed the {what} to {url}")

@@ -1,0 +1,10 @@
+"""The export stage: merge a run's adapter into its base, write GGUF for llama.cpp, push to the Hub.
+
+`merge.merge_to_folder(run_dir, out, dtype)`, `gguf.export_gguf(source, out, type)`,
+`hub.push_folder(folder, repo)`; output paths are refused if they exist (unless forced) and are written
+whole (`paths.written_whole`).
+"""
+
+# Choices the CLI offers; kept here so that building the CLI imports neither torch nor gguf.
+MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+GGUF_TYPES = ("f16", "q8_0", "f32")
