@@ -5,6 +5,11 @@ Reads WORKLOAD, MODEL_DIR, DATA_FILE, BATCH, MAX_LENGTH, STEPS and WARMUP from t
 runs, not a separate fast path - and prints one line:
 RESULT {"tokens_per_s": ..., "peak_gib": ..., "tokens": ..., "mean_loss": ...}
 Extra settings for experiments: BENCH_SET="train.packing=false model.attention=eager" (--set syntax).
+BENCH_ORDER=peers (default) trains the rows in the order the peers' trainers draw them (see
+`peers_order`), so that every optimizer step holds the same sequences as theirs; BENCH_ORDER=file
+keeps the file's order.
+BENCH_PROFILE=FILE adds 3 steps after the measured ones under torch.profiler and writes the kernel
+time table and a breakdown by kind to FILE; they do not count in the RESULT.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from loraforge.config import RunConfig, apply_overrides
 def workload_config(data_file: str, model_dir: str, batch: int, max_length: int, steps: int, run_dir: str,
                     extra: list[str] = ()) -> RunConfig:
     """The benchmark's rules: NF4 + double quant, bf16, LoRA r=16/alpha=32 on all 7 projections, lr 2e-4,
-    the same `batch` sequences per optimizer step in file order, loss on every token."""
+    the same `batch` sequences per optimizer step in the data file's order, loss on every token."""
     raw = {
         "model": {"base": model_dir, "quantization": "nf4", "double_quant": True, "compute_dtype": "auto"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
@@ -30,10 +35,32 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
         "train": {"max_steps": steps, "micro_batch_size": batch, "gradient_accumulation": 1,
                   "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "optimizer": "adamw",
                   "shuffle": False, "packing": True, "gradient_checkpointing": True, "tensorboard": False,
-                  "logging_steps": 5},
+                  "logging_steps": 5,
+                  # speed/memory only (tests/train/test_fast_paths.py): fused layers + liger on CUDA (auto),
+                  # half-layer checkpoints in pinned CPU memory; the whole step in one pass (no token cap)
+                  "fused_layers": "auto", "liger_kernels": "auto", "offload_activations": True,
+                  "max_tokens_per_micro_batch": None},
         "output_dir": run_dir, "samples": 0,
     }
     return RunConfig.model_validate(apply_overrides(raw, list(extra)))
+
+
+def peers_order(n: int, seed: int = 0) -> list[int]:
+    """The row order of the peers' runs: TRL's SFTTrainer samples with transformers' RandomSampler,
+    which accelerate makes a seedable sampler drawing `torch.randperm(n)` from a generator seeded with
+    the trainer's seed (0 in ../shared/bench). Checked against the peers' own token counts of the
+    measured steps: 46,427 (w1) and 174,769 (w2) real tokens, as this order gives."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reorder_rows(data_file: str, out_dir: str) -> str:
+    """Write the rows of `data_file` in `peers_order` into `out_dir`; the loop then keeps that order."""
+    with open(data_file) as f:
+        rows = [line for line in f if line.strip()]
+    path = os.path.join(out_dir, "data-peers-order.jsonl")
+    with open(path, "w") as f:
+        f.writelines(rows[i] if rows[i].endswith("\n") else rows[i] + "\n" for i in peers_order(len(rows)))
+    return path
 
 
 def main() -> None:
@@ -42,13 +69,29 @@ def main() -> None:
     env = os.environ
     warmup, steps = int(env.get("WARMUP", 5)), int(env.get("STEPS", 30))
     run_dir = tempfile.mkdtemp(prefix="loraforge-bench-")
-    cfg = workload_config(env["DATA_FILE"], env["MODEL_DIR"], int(env.get("BATCH", 4)),
-                          int(env.get("MAX_LENGTH", 1024)), warmup + steps, run_dir,
-                          env.get("BENCH_SET", "").split())
+    profile_to = env.get("BENCH_PROFILE")
+    profile_steps = 3 if profile_to else 0
+    extra = env.get("BENCH_SET", "").split()
     cuda = torch.cuda.is_available()
+    if not cuda:
+        extra = ["train.offload_activations=false"] + extra
+    order = env.get("BENCH_ORDER", "peers")
+    if order not in ("peers", "file"):
+        raise SystemExit(f"BENCH_ORDER must be 'peers' or 'file', not {order!r}")
+    data_file = reorder_rows(env["DATA_FILE"], run_dir) if order == "peers" else env["DATA_FILE"]
+    cfg = workload_config(data_file, env["MODEL_DIR"], int(env.get("BATCH", 4)),
+                          int(env.get("MAX_LENGTH", 1024)), warmup + steps + profile_steps, run_dir, extra)
     meter = {"start": None, "tokens": 0, "losses": []}
+    profiler = {}
 
     def on_step(step: int, record: dict | None) -> None:
+        if profile_to and record is None and step == warmup + steps:
+            profiler["p"] = start_profile(cuda)
+            profiler["t0"] = time.perf_counter()
+        if profile_to and record is not None and step == warmup + steps + profile_steps - 1:
+            if cuda:
+                torch.cuda.synchronize()
+            write_profile(profiler["p"], profile_to, time.perf_counter() - profiler["t0"], profile_steps, env)
         if record is None and step == warmup:
             if cuda:
                 torch.cuda.synchronize()
@@ -69,9 +112,73 @@ def main() -> None:
         "seconds": round(meter["seconds"], 2),
         "peak_gib": meter.get("peak_gib"),
         "mean_loss": round(sum(meter["losses"]) / len(meter["losses"]), 4),
-        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "settings": env.get("BENCH_SET", ""),
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "settings": env.get("BENCH_SET", ""), "order": order,
+        "train": {k: getattr(cfg.train, k) for k in ("packing", "fused_layers", "liger_kernels", "offload_activations",
+                                                     "max_tokens_per_micro_batch", "optimizer", "gradient_checkpointing")},
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+KINDS = [  # kernel name pattern -> what it is, first match wins
+    ("dequantize (bnb NF4)", ("dequant", "kDequantize", "kdequant")),
+    ("flash attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "splitk", "sm80_xmma")),
+    ("liger triton (norm/rope/silu)", ("_rms_norm", "rope", "swiglu", "_triton")),
+    ("optimizer", ("adam", "optimizer", "multi_tensor")),
+    ("copies H2D/D2H", ("memcpy", "Memcpy")),
+    ("cross-entropy / softmax", ("logsumexp", "softmax", "gather", "scatter", "index_put", "nll")),
+    ("elementwise / reduce / other", ("",)),
+]
+
+
+def start_profile(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    p = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    p.start()
+    return p
+
+
+def write_profile(p, path: str, wall: float, steps: int, env) -> None:
+    """Kernel table (self device time) and a breakdown by kind, per step, with the GPU's idle share."""
+    p.stop()
+    events = p.key_averages()
+
+    def device_time(e):  # microseconds; attribute names changed across torch versions
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(e, name):
+                return getattr(e, name)
+        return 0.0
+
+    kinds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    rows = []
+    for e in events:
+        t = device_time(e)
+        if t <= 0 or getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        kind = next(k for k, pats in KINDS if any(s.lower() in e.key.lower() for s in pats))
+        kinds[kind] = kinds.get(kind, 0.0) + t
+        counts[kind] = counts.get(kind, 0) + e.count
+        rows.append((t, e.count, e.key))
+    busy = sum(kinds.values()) / 1e6
+    lines = [f"profile: {steps} steps, wall {wall / steps * 1e3:.1f} ms/step, GPU busy {busy / steps * 1e3:.1f} ms/step "
+             f"({100 * busy / wall:.0f}% of wall), kernels/step {sum(counts.values()) / steps:.0f}; "
+             f"settings {env.get('BENCH_SET', '')!r}, workload {env.get('WORKLOAD', '')}", "",
+             f"{'kind':<32} {'ms/step':>9} {'share':>6} {'kernels/step':>12}"]
+    for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{k:<32} {t / 1e3 / steps:>9.1f} {100 * t / 1e6 / busy:>5.0f}% {counts[k] / steps:>12.0f}")
+    lines += ["", "top kernels by self device time (ms/step, calls/step, name):"]
+    for t, c, name in sorted(rows, reverse=True)[:40]:
+        lines.append(f"{t / 1e3 / steps:>9.2f} {c / steps:>7.0f}  {name[:150]}")
+    try:
+        cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    except Exception as err:  # noqa: BLE001
+        cpu_table = f"(no CPU table: {err})"
+    text = "\n".join(lines) + "\n\ntop ops by self CPU time (all steps):\n" + cpu_table
+    with open(path, "w") as f:
+        f.write(text)
+    print(text.split("\n\ntop kernels")[0], flush=True)
 
 
 if __name__ == "__main__":

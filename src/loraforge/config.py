@@ -107,6 +107,19 @@ class TrainSettings(Section):
     group_by_length: bool = False
     shuffle: bool = Field(True, description="Shuffle rows each epoch; off keeps file order (the benchmark's rule).")
     packing: bool = Field(False, description="Concatenate each micro-batch's rows into one padding-free stream.")
+    # Speed and memory only: what is learned stays the same (tests/train/test_fast_paths.py).
+    fused_layers: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused Llama training forward (model/kernels.py); auto: on for supported models on CUDA.")
+    liger_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="liger-kernel's Triton RMSNorm/RoPE/SiLU-mul in the fused forward; auto: where installed, on CUDA.")
+    offload_activations: bool = Field(False, description="Keep layer checkpoints in pinned CPU memory (CUDA, fused).")
+    max_tokens_per_micro_batch: Optional[int] = Field(
+        None, gt=0, description="Split a micro-batch's rows further so each part holds at most this many tokens.")
+
+    @field_validator("fused_layers", "liger_kernels", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):  # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     save_steps: Optional[int] = Field(None, gt=0, description="Checkpoint every N steps (and always at the end).")

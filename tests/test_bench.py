@@ -1,0 +1,46 @@
+"""`python -m loraforge.bench`: trains the benchmark's pre-tokenized rows through `run_training` in the
+peers' row order and prints a RESULT line whose token count is exactly that of the measured steps."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from loraforge.bench import peers_order, reorder_rows
+
+
+def write_rows(path, n, vocab, seed=0):
+    rng = random.Random(seed)
+    rows = [[1] + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, 40))] for _ in range(n)]
+    path.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    return rows
+
+
+def test_peers_order_is_a_seeded_permutation():
+    order = peers_order(50)
+    assert sorted(order) == list(range(50)) and order != list(range(50))
+    assert peers_order(50) == order and peers_order(50, seed=1) != order
+
+
+def test_reorder_rows_writes_every_row_once_in_peers_order(tmp_path):
+    rows = write_rows(tmp_path / "data.jsonl", 30, 100)
+    out = reorder_rows(str(tmp_path / "data.jsonl"), str(tmp_path))
+    got = [json.loads(line)["input_ids"] for line in open(out)]
+    assert got == [rows[i] for i in peers_order(30)]
+
+
+@pytest.mark.parametrize("order", ["peers", "file"])
+def test_bench_counts_the_tokens_of_the_measured_steps(tmp_path, tiny_model_dir, order):
+    rows = write_rows(tmp_path / "w.jsonl", 24, 500)
+    batch, warmup, steps = 2, 1, 2
+    env = {**os.environ, "WORKLOAD": "t", "MODEL_DIR": str(tiny_model_dir), "DATA_FILE": str(tmp_path / "w.jsonl"),
+           "BATCH": str(batch), "MAX_LENGTH": "32", "STEPS": str(steps), "WARMUP": str(warmup), "BENCH_ORDER": order}
+    out = subprocess.run([sys.executable, "-m", "loraforge.bench"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    index = peers_order(len(rows)) if order == "peers" else list(range(len(rows)))
+    measured = index[warmup * batch:(warmup + steps) * batch]
+    assert result["tokens"] == sum(min(len(rows[i]), 32) for i in measured)
+    assert result["order"] == order and result["tokens_per_s"] > 0 and result["mean_loss"] > 0
