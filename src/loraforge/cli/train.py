@@ -1,7 +1,6 @@
 """`loraforge train [RECIPE] [--set key=value ...]`: fine-tune and say where everything went."""
 from __future__ import annotations
 
-import shlex
 import sys
 
 from rich.console import Console
@@ -30,18 +29,27 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
+    from loraforge.evaluate.report import write_report_safely
     from loraforge.train.loop import TrainingInterrupted, run_training
-    from loraforge.train.rundir import prepare_run_dir
+    from loraforge.errors import UserError
+    from loraforge.train.rundir import discard_if_unstarted, prepare_run_dir, resume_command
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
     except TrainingInterrupted as stop:
-        recipe = shlex.quote(args.recipe) if args.recipe else ""
-        console.print(f"\n{stop}\nResume with: loraforge train {recipe} --resume {shlex.quote(str(run_dir))}"
-                      .replace("  ", " "))
+        console.print(f"\n{stop}\nResume with: {resume_command(args.recipe, args.overrides, run_dir)}",
+                      markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
         return 128 + stop.signum
+    except UserError:
+        if checkpoint is None:  # failed before its first step: leave no folder that blocks the fixed command
+            discard_if_unstarted(run_dir)
+        raise
+    finally:  # finished, stopped or failed: report.html shows how far the run got
+        # ...but not after a second Ctrl-C/SIGTERM (SystemExit): that one means exit at once.
+        report = None if isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)) else \
+            write_report_safely(run_dir, say=lambda m: console.print(m, markup=False))
 
     console.print(f"\n[bold]done[/bold]: {result.steps} steps, loss {result.first_losses:.3f} (first 10%) -> "
                   f"{result.last_losses:.3f} (last 10%), {result.tokens_per_s:.0f} tokens/s")
@@ -59,6 +67,7 @@ def run(args) -> int:
                   f"config (resolved):      {d / 'config.yaml'}\n"
                   f"metrics:                {d / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {d / 'tb'})\n"
                   f"data report:            {d / 'data_report.json'}\n"
-                  f"checkpoints:            {d / 'checkpoints'}")
+                  f"checkpoints:            {d / 'checkpoints'}"
+                  + (f"\nreport:                 {report}" if report else ""))
     sys.stdout.flush()
     return 0

@@ -1,25 +1,39 @@
 """Atomic checkpoints: written under a temporary name, renamed into place only when complete.
 
 A checkpoint folder `checkpoints/step-NNNNNN/` holds the adapter (safetensors), the optimizer and
-scheduler state and the RNG states (tensors and plain lists, loadable with weights_only=True),
-and `trainer_state.json` (step, metrics to carry on, best eval). Anything else in `checkpoints/`
-(a `.tmp-*` folder left by a crash) is never picked up.
+scheduler state and the RNG states of Python, NumPy, torch and CUDA (tensors and plain lists,
+loadable with `torch.load(weights_only=True)`: no pickled objects), and `trainer_state.json`
+(the step - which fixes the data position, as the batch plan is a pure function of it - and the
+bookkeeping to carry on: best eval, patience, skipped steps).
+
+Only a folder named `step-NNNNNN` holding every file in `REQUIRED_FILES` counts as a
+checkpoint. A crash or kill mid-save leaves a `.tmp-*` folder (never picked up, removed at the
+next save); pruning renames a folder to `.trash-*` before deleting it, so a kill mid-prune
+cannot leave a half-deleted `step-*` folder that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from loraforge.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
+REQUIRED_FILES = (ADAPTER_WEIGHTS, "adapter/adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
+                  STATE_FILE)
 _NAME = re.compile(r"^step-(\d{6,})$")
+_SCRATCH_PREFIXES = (".tmp-", ".trash-")
 
 
 def checkpoint_name(step: int) -> str:
@@ -27,6 +41,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def rng_state() -> dict:
+    """Every random generator training draws from, as tensors and plain Python values."""
     np_state = np.random.get_state()
     state = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
@@ -49,45 +64,122 @@ def set_rng_state(state: dict) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
+    for f in sorted(folder.rglob("*")):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: not every file system supports it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGTERM/SIGINT (and so the loop's 'second signal: exit now') while a few renames run."""
+    blockable = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}) if blockable else None
+    try:
+        yield
+    finally:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _discard(path: Path) -> None:
+    """Delete a folder by first renaming it out of sight, so a kill mid-delete leaves only scratch."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _clean_scratch(root: Path, keep: Path | None = None) -> None:
+    """Remove `.tmp-*` / `.trash-*` leftovers of crashed or killed saves (one trainer writes a run)."""
+    for p in root.iterdir() if root.is_dir() else []:
+        if p.name.startswith(_SCRATCH_PREFIXES) and p != keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`; an existing `final` is swapped out, then deleted.
+
+    A rename cannot replace a non-empty folder, so an existing one is first renamed aside; the two
+    renames run with SIGTERM/SIGINT held, so a second Ctrl-C cannot fall between them.
+    """
+    with _signals_deferred():
+        old = None
+        if final.exists():
+            old = final.with_name(f".trash-{final.name}-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """`with atomic_dir(path) as tmp:` write into `tmp`; `path` appears (or is replaced) only if the
+    block completes. Used for checkpoints and for the run's final `adapter/`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _fsync_tree(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                     keep: int, protect: set[int] = frozenset()) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep` (and `protect`ed steps)."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep` (and `protect`ed steps).
+
+    The previous checkpoints are untouched until the new one is complete; any OSError (a full disk)
+    propagates after the partial folder is removed.
+    """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    _clean_scratch(root)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        # Written last: a folder with this file was complete when the rename happened.
         (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune_checkpoints(run_dir, keep, protect)
+    prune_checkpoints(run_dir, keep, protect | {step})
     return final
 
 
+def is_complete(path: Path) -> bool:
+    path = Path(path)
+    return all((path / f).is_file() for f in REQUIRED_FILES)
+
+
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first; partial and scratch folders are ignored."""
     root = Path(run_dir) / CHECKPOINT_DIR
     found = []
-    for p in root.glob("step-*") if root.is_dir() else []:
+    for p in root.iterdir() if root.is_dir() else []:
         m = _NAME.match(p.name)
-        if m and (p / STATE_FILE).is_file() and (p / "adapter").is_dir():
+        if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -98,21 +190,44 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset()) -> None:
+    """Keep the newest `keep` complete checkpoints and the `protect`ed steps (e.g. the best eval)."""
     found = list_checkpoints(run_dir)
     for step, path in found[:-keep] if keep else found:
         if step not in protect:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the trainer state."""
+    """Restore adapter weights, optimizer, scheduler and RNG; return the trainer state.
+
+    Everything loads with `weights_only=True` or safetensors; a missing or unreadable file is a
+    UserError naming it.
+    """
+    import pickle
+
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); "
+                        f"resume from an earlier one in {path.parent}")
+    try:
+        weights = load_file(str(path / ADAPTER_WEIGHTS))
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise UserError(f"checkpoint {path}: the adapter has weights this model does not ({unexpected[0]}, ...); "
+                            "it was saved with different lora settings")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        return json.loads((path / STATE_FILE).read_text())
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded ({first}); "
+                        f"resume from an earlier one in {path.parent}") from e

@@ -21,12 +21,14 @@ from accelerate.utils import set_seed
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import UserError
 from loraforge.evaluate.loss import mean_token_loss, perplexity
+from loraforge.evaluate.environment import environment_info
 from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, resolve_dtype, select_device
+from loraforge.model.kernels import apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.metrics import MetricsLog
+from loraforge.train.metrics import MetricsLog, read_metrics
 from loraforge.train.optim import build_optimizer, build_scheduler
-from loraforge.train.plan import BatchPlan, collate, collate_packed, trained_tokens
+from loraforge.train.plan import BatchPlan, collate, collate_packed, split_by_tokens, trained_tokens
 from loraforge.train.progress import TrainProgress
 from loraforge.train.signals import StopOnSignal
 
@@ -88,6 +90,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     model = load_base_model(cfg.model, dtype, device, base)
     model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    apply_fast_paths(model, cfg.train, device, say)  # train.fused_layers / liger_kernels / offload_activations
     trainable, total = count_parameters(model)
     say(f"model: {base} ({cfg.model.quantization}, compute {str(dtype).removeprefix('torch.')}, {device}); "
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -120,10 +123,17 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             raise UserError(f"could not write the checkpoint for step {step} in {run_dir}: {e.strerror or e}. "
                             f"The previous checkpoint ({last_checkpoint}) is intact; free space and resume") from e
 
+    def save_once(step: int) -> Path:
+        """save(step), unless this step was just saved (a best eval, then a signal or the end)."""
+        if last_checkpoint is not None and Path(last_checkpoint).name == ckpt.checkpoint_name(step):
+            return last_checkpoint
+        return save(step)
+
     say(f"training: {len(data.train)} rows, {total_steps} steps of {plan.rows_per_step} rows "
         f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation), run directory {run_dir}")
     model.train()
-    step_losses: list[float] = []
+    # On resume, the losses before the checkpoint come from the log, so the summary covers the whole run.
+    step_losses: list[float] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if resume_from else []
     tokens_seen, train_seconds = 0, 0.0
     stopped_early = None
     completed = start_step
@@ -133,6 +143,9 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                 step_hook(step, None)
             started = time.perf_counter()
             micro_batches = [[data.train[i] for i in rows] for rows in plan.step_rows(step)]
+            if cfg.train.max_tokens_per_micro_batch:  # same rows, same loss: only the memory per pass changes
+                micro_batches = [part for rows in micro_batches
+                                 for part in split_by_tokens(rows, cfg.train.max_tokens_per_micro_batch)]
             n_items = sum(trained_tokens(rows) for rows in micro_batches)
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
@@ -152,6 +165,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                 optimizer.zero_grad(set_to_none=True)
                 if state["bad_steps"] > cfg.train.max_bad_steps:
                     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
+                    metrics.close()
                     raise TrainingDiverged(
                         f"training diverged at step {step + 1}: loss {loss_value}, gradient norm {grad_norm}; {where}. "
                         "Lower train.learning_rate, check the data, or allow skips with train.max_bad_steps")
@@ -159,6 +173,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                     f"{cfg.train.max_bad_steps} allowed)")
             else:
                 optimizer.step()
+            lr_used = scheduler.get_last_lr()[0]  # the rate this step trained with, before the schedule moves on
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1
@@ -168,7 +183,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             train_seconds += seconds
             step_losses.append(loss_value)
             record = {"step": step + 1, "epoch": round(plan.epoch_of(step + 1), 4), "loss": loss_value,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": step_tokens,
+                      "lr": lr_used, "grad_norm": grad_norm, "tokens": step_tokens,
                       "tokens_per_s": step_tokens / seconds if seconds else 0.0}
             if device.startswith("cuda"):
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -198,7 +213,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                         total_steps = step + 1
 
             if stop.requested:
-                last_checkpoint = save(step + 1)
+                last_checkpoint = save_once(step + 1)
                 metrics.close()
                 raise TrainingInterrupted(stop.signum, step + 1, last_checkpoint)
             if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
@@ -206,14 +221,19 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             if stopped_early:
                 break
 
-        last_checkpoint = save(completed)
+        last_checkpoint = save_once(completed)
     metrics.close()
 
     unwrapped = accelerator.unwrap_model(model)
     adapter_dir = run_dir / "adapter"
-    unwrapped.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "template.json").write_text((run_dir / "template.json").read_text())
+    try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
+        with ckpt.atomic_dir(adapter_dir) as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "template.json").write_text((run_dir / "template.json").read_text())
+    except OSError as e:
+        raise UserError(f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
+                        f"{last_checkpoint} is complete: free space and run the same command with --resume") from e
     samples = sample_answers(unwrapped, tokenizer, data, cfg.samples)
     window = max(1, len(step_losses) // 10)
     result = TrainResult(
@@ -221,10 +241,12 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         first_losses=_mean(step_losses[:window]), last_losses=_mean(step_losses[-window:]),
         tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0, samples=samples,
         stopped_early=stopped_early,
-        best_eval={"step": state["best_step"], "loss": state["best_eval_loss"]} if state["best_step"] else None)
+        best_eval={"step": state["best_step"], "loss": state["best_eval_loss"],
+                   "checkpoint": str(run_dir / ckpt.CHECKPOINT_DIR / ckpt.checkpoint_name(state["best_step"]))}
+        if state["best_step"] else None)
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
-                   compute_dtype=str(dtype).removeprefix("torch."))
+                   compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
@@ -11,7 +12,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut off by a kill mid-write: the step is redone on resume
+            continue
+    return records
 
 
 class MetricsLog:
@@ -20,7 +27,9 @@ class MetricsLog:
         if resume_step is not None:
             # Drop records past the checkpoint we resume from: they will be produced again.
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # a kill here keeps the old file whole
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:

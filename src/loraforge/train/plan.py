@@ -93,3 +93,23 @@ def collate_packed(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def trained_tokens(rows: list[dict]) -> int:
     """Tokens that carry loss: labels after the causal shift, as the model's loss counts them."""
     return sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+
+
+def split_by_tokens(rows: list[dict], max_tokens: int) -> list[list[dict]]:
+    """Cut a micro-batch, in order, into as few parts as keep each under `max_tokens` tokens, of
+    near-equal size (a row longer than that is a part of its own). The loop divides every part's
+    loss by the whole step's trained tokens, so the step's gradient does not change."""
+    total = sum(len(r["input_ids"]) for r in rows)
+    if total <= max_tokens or len(rows) < 2:
+        return [rows]
+    target = total / math.ceil(total / max_tokens)
+    parts, part, size = [], [], 0
+    for r in rows:
+        n = len(r["input_ids"])
+        if part and (size + n > max_tokens or size + n / 2 > target):
+            parts.append(part)
+            part, size = [], 0
+        part.append(r)
+        size += n
+    parts.append(part)
+    return parts

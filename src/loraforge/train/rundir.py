@@ -10,14 +10,20 @@ import yaml
 
 from loraforge.config import RunConfig
 from loraforge.errors import UserError
-from loraforge.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from loraforge.train.checkpoint import CHECKPOINT_DIR, REQUIRED_FILES, is_complete, latest_checkpoint
 
-# Keys whose change makes a resumed run differ from an uninterrupted one.
+# Keys whose change leaves a resumed run's numbers exactly as an uninterrupted run's: where
+# things are written, how often, and what is only observed (evaluation runs without gradients
+# or dropout, so it draws no random numbers); gradient checkpointing only trades memory for time
+# (it replays dropout with the saved random state: bitwise the same on the CPU). Everything else -
+# model, data, LoRA shape, batch, schedule, seed, step count - is refused on resume.
 HARMLESS_KEYS = {
     "description", "output_dir", "samples",
     "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
 }
+# Files a run writes before its first step; a folder holding only these has nothing to lose.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "adapter", "summary.json")
 
 
 def default_run_dir(name: str) -> Path:
@@ -40,16 +46,48 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in HARMLESS_KEYS)
 
 
+def describe_differences(saved: dict, current: dict) -> str:
+    a, b = _flatten(saved), _flatten(current)
+    return "; ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in differing_keys(saved, current))
+
+
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path:
     """`resume` is 'latest' (the run directory's newest checkpoint), a run directory, or a checkpoint."""
     target = run_dir if resume == "latest" else Path(resume)
-    if (target / "trainer_state.json").is_file():
+    if (target / "trainer_state.json").is_file() or (target / "rng.pt").is_file():  # one checkpoint
+        if not is_complete(target):
+            missing = [f for f in REQUIRED_FILES if not (target / f).is_file()]
+            raise UserError(f"--resume: checkpoint {target} is incomplete (no {', '.join(missing)}), probably "
+                            f"cut off mid-save; resume from the run directory {target.parent.parent} to use "
+                            "its newest complete checkpoint")
         return target
     found = latest_checkpoint(target)
     if found is None:
-        raise UserError(f"--resume: no complete checkpoint in {target / CHECKPOINT_DIR}; "
+        where = target / CHECKPOINT_DIR
+        raise UserError(f"--resume: no complete checkpoint in {where}; "
                         "start afresh without --resume (add --overwrite to reuse the folder)")
     return found
+
+
+def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--resume: {saved_path} is not valid YAML ({e}); restore it from the run's "
+                        "original config") from None
+    changed = differing_keys(saved, cfg.saved_dict())
+    if changed:
+        raise UserError(f"--resume: the config differs from the run's ({saved_path}) in {', '.join(changed)} "
+                        f"({describe_differences(saved, cfg.saved_dict())}). These change the result, so "
+                        "resuming would not continue the same run: give the same values (the same recipe and "
+                        "--set flags), or start a new run with another --output-dir")
+
+
+def looks_like_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_MARKERS)
 
 
 def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite: bool) -> tuple[Path, Optional[Path]]:
@@ -63,18 +101,54 @@ def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite:
         run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(name)
         checkpoint = find_resume_checkpoint(resume, run_dir) if resume else None
     if checkpoint is not None:
-        saved_path = run_dir / "config.yaml"
-        if saved_path.is_file():
-            changed = differing_keys(yaml.safe_load(saved_path.read_text()) or {}, cfg.saved_dict())
-            if changed:
-                raise UserError(f"--resume: the config differs from the run's in {', '.join(changed)}; "
-                                "these change the result, so resuming would not continue the same run. "
-                                "Restore them, or start a new run")
-        return run_dir, checkpoint
+        source = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else run_dir
+        check_resume_config(cfg, source)  # against the run that wrote the checkpoint
+        if source.resolve() == run_dir.resolve():
+            return run_dir, checkpoint
+        # --resume OTHER_RUN --output-dir NEW: continue another run's checkpoint in a new folder.
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} is a file; choose another --output-dir")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"run directory {run_dir} already exists and is not empty; "
                             "use --resume to continue it, --overwrite to replace it, or another --output-dir")
+        if not looks_like_run_dir(run_dir) or run_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise UserError(f"--overwrite: {run_dir} does not look like a loraforge run directory (no "
+                            f"{', '.join(RUN_MARKERS[:3])}), so it is not deleted; choose another --output-dir")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
+    return run_dir, checkpoint
+
+
+def is_unstarted(run_dir: Path) -> bool:
+    """True when the run wrote nothing a user could want back: no checkpoint, adapter or step record."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / "adapter").exists():
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    return not (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def discard_if_unstarted(run_dir: Path) -> None:
+    """After a fresh run failed before its first step (bad data, a model that will not load), remove
+    the folder it created, so that fixing the mistake and running the same command again works."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and is_unstarted(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+SECRET_KEYS = ("model.hub_token",)
+
+
+def resume_command(recipe: Optional[str], overrides: list[str], run_dir: Path) -> str:
+    """The command that continues this run: the same recipe and --set flags (secrets left out;
+    they come from HF_TOKEN or a new --set), and --resume RUN_DIR."""
+    import shlex
+
+    parts = ["loraforge", "train"] + ([shlex.quote(recipe)] if recipe else [])
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in SECRET_KEYS or key == "output_dir":
+            continue
+        parts += ["--set", shlex.quote(text)]
+    return " ".join(parts + ["--resume", shlex.quote(str(run_dir))])

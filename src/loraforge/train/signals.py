@@ -5,9 +5,18 @@ leaves a `.tmp-*` folder that is never picked up, and the last good checkpoint u
 """
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a handler that prints while the interrupted code is printing to the same
+    # stream raises "reentrant call" inside the buffered writer.
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
 
 
 class StopOnSignal:
@@ -23,11 +32,11 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            print(f"\nsecond signal {signum}: exiting now; the last complete checkpoint is intact", file=sys.stderr)
+            _say(f"\nsecond signal {signum}: exiting now; the last complete checkpoint is intact\n")
             raise SystemExit(128 + signum)
         self.signum = signum
-        print(f"\nsignal {signum} received: finishing this step and saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr)
+        _say(f"\nsignal {signum} received: finishing this step and saving a checkpoint "
+             "(send it again to exit at once)\n")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
