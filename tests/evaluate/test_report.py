@@ -164,7 +164,7 @@ def test_report_of_an_unfinished_run_and_the_report_command(tmp_path):
     t = Tables(page)
     assert "in progress or stopped" in page and "No eval.json yet" in page and "loss curve" in t.alts
     assert "not recorded with the run" in page  # versions of this machine, said so
-    assert not [p for p in os.listdir(run) if p.startswith(".report-")]  # no temp file left behind
+    assert not [p for p in os.listdir(run) if p.startswith((".tmp-", ".trash-"))]  # no temp file left behind
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):

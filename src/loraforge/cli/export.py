@@ -96,7 +96,8 @@ def run_adapter(args) -> int:
     import shutil
 
     from loraforge.errors import UserError
-    from loraforge.export.paths import check_output, written_whole
+    from loraforge.atomic import written_whole
+    from loraforge.export.paths import check_output
     from loraforge.infer.session import read_run
 
     if not args.out and not args.push_to_hub:

@@ -10,14 +10,13 @@ the comparison isolates what the adapter learned.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from loraforge.atomic import write_text_whole
 from loraforge.errors import UserError
 from loraforge.evaluate.metrics import Metric, mean_scores, resolve_metrics
 
@@ -320,18 +319,5 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
                      "metrics": [m.name for m in metrics]},
         "seconds": round(time.time() - started, 1),
     }
-    write_json_atomic(run_dir / EVAL_FILE, result)
+    write_text_whole(run_dir / EVAL_FILE, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return result
-
-
-def write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

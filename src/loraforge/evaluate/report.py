@@ -11,12 +11,11 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from loraforge.atomic import write_text_whole
 from loraforge.errors import UserError
 
 REPORT_FILE = "report.html"
@@ -309,8 +308,8 @@ def _eval_section(ev: Optional[dict], run_dir: Path) -> str:
              f'<p class="sub">{_e(ev.get("split_note", ""))} '
              f'The base is the same quantized model with the adapter turned off.</p>']
     if ev.get("split") != "eval":
-        parts.append(f'<p class="warn">These rows are training rows, not held out: they show fit, not '
-                     f'generalisation.</p>')
+        parts.append('<p class="warn">These rows are training rows, not held out: they show fit, not '
+                     'generalisation.</p>')
     loss = ev.get("loss") or {}
     rows = []
     for key, label in (("responses", "response tokens"), ("all", "all tokens")):
@@ -520,20 +519,9 @@ def build_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write `report.html` into the run directory atomically (temp file + rename); return its path."""
+    """Write `report.html` into the run directory, whole (never half a page); return its path."""
     run_dir = Path(run_dir)
-    text = build_report(run_dir)
-    target = run_dir / REPORT_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_text_whole(run_dir / REPORT_FILE, build_report(run_dir))
 
 
 def write_report_safely(run_dir: Path, say=print) -> Optional[Path]:

@@ -2,7 +2,7 @@
 
 `merge.merge_to_folder(run_dir, out, dtype)`, `gguf.export_gguf(source, out, type)`,
 `hub.push_folder(folder, repo)`; output paths are refused if they exist (unless forced) and are written
-whole (`paths.written_whole`).
+whole (`loraforge.atomic.written_whole`).
 """
 
 # Choices the CLI offers; kept here so that building the CLI imports neither torch nor gguf.

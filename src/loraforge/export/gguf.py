@@ -239,7 +239,8 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False) -> GGUF
     from transformers import AutoConfig
 
     from loraforge.export.merge import merge_run
-    from loraforge.export.paths import check_output, written_whole
+    from loraforge.atomic import written_whole
+    from loraforge.export.paths import check_output
     from loraforge.infer.session import read_run
     from loraforge.model.load import resolve_base
 

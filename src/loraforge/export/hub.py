@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loraforge.atomic import SCRATCH_PREFIXES
 from loraforge.errors import UserError
 
 
@@ -24,7 +25,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, what: str = "mod
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(Path(folder)), repo_id=repo_id, repo_type="model",
                           commit_message=f"Upload {what} with loraforge",
-                          ignore_patterns=[".tmp-*", ".old-*"])
+                          ignore_patterns=[f"{p}*" for p in SCRATCH_PREFIXES])
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = ("check that HF_TOKEN is set to a token with write access"

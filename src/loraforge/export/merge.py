@@ -104,7 +104,8 @@ def sentencepiece_file(model_dir) -> Optional[Path]:
 
 def merge_to_folder(run_dir, out, dtype_name: str = "auto", force: bool = False) -> tuple[Path, Merged, torch.dtype]:
     """`loraforge merge`: check everything, merge, and write `out` whole (it appears only when complete)."""
-    from loraforge.export.paths import check_output, written_whole
+    from loraforge.atomic import written_whole
+    from loraforge.export.paths import check_output
     from loraforge.model.load import resolve_base
 
     info = read_run(run_dir)

@@ -24,7 +24,6 @@ for the GPU kernels in docs/perf-notes.md.
 from __future__ import annotations
 
 import functools
-import math
 import types
 from dataclasses import dataclass
 from typing import Optional

@@ -13,18 +13,17 @@ cannot leave a half-deleted `step-*` folder that looks complete.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from loraforge.atomic import SCRATCH_PREFIXES, written_whole
 from loraforge.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -33,7 +32,6 @@ ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 REQUIRED_FILES = (ADAPTER_WEIGHTS, "adapter/adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
                   STATE_FILE)
 _NAME = re.compile(r"^step-(\d{6,})$")
-_SCRATCH_PREFIXES = (".tmp-", ".trash-")
 
 
 def checkpoint_name(step: int) -> str:
@@ -63,36 +61,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (best effort: not every file system supports it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGTERM/SIGINT (and so the loop's 'second signal: exit now') while a few renames run."""
-    blockable = hasattr(signal, "pthread_sigmask")
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}) if blockable else None
-    try:
-        yield
-    finally:
-        if blockable:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _discard(path: Path) -> None:
     """Delete a folder by first renaming it out of sight, so a kill mid-delete leaves only scratch."""
     if not path.exists():
@@ -106,44 +74,8 @@ def _discard(path: Path) -> None:
 def _clean_scratch(root: Path, keep: Path | None = None) -> None:
     """Remove `.tmp-*` / `.trash-*` leftovers of crashed or killed saves (one trainer writes a run)."""
     for p in root.iterdir() if root.is_dir() else []:
-        if p.name.startswith(_SCRATCH_PREFIXES) and p != keep:
+        if p.name.startswith(SCRATCH_PREFIXES) and p != keep:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`; an existing `final` is swapped out, then deleted.
-
-    A rename cannot replace a non-empty folder, so an existing one is first renamed aside; the two
-    renames run with SIGTERM/SIGINT held, so a second Ctrl-C cannot fall between them.
-    """
-    with _signals_deferred():
-        old = None
-        if final.exists():
-            old = final.with_name(f".trash-{final.name}-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path):
-    """`with atomic_dir(path) as tmp:` write into `tmp`; `path` appears (or is replaced) only if the
-    block completes. Used for checkpoints and for the run's final `adapter/`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-        _fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
@@ -157,7 +89,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     root.mkdir(parents=True, exist_ok=True)
     _clean_scratch(root)
     final = root / checkpoint_name(step)
-    with atomic_dir(final) as tmp:
+    with written_whole(final, folder=True) as tmp:
         model.save_pretrained(tmp / "adapter", safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

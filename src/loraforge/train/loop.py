@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from loraforge.atomic import written_whole
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import UserError
 from loraforge.evaluate.loss import mean_token_loss, perplexity
@@ -227,7 +228,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     unwrapped = accelerator.unwrap_model(model)
     adapter_dir = run_dir / "adapter"
     try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
-        with ckpt.atomic_dir(adapter_dir) as tmp:
+        with written_whole(adapter_dir, folder=True) as tmp:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "template.json").write_text((run_dir / "template.json").read_text())

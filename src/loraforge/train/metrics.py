@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from loraforge.atomic import write_text_whole
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,9 +28,7 @@ class MetricsLog:
         if resume_step is not None:
             # Drop records past the checkpoint we resume from: they will be produced again.
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)  # a kill here keeps the old file whole
+            write_text_whole(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill keeps the old file
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:

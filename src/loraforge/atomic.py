@@ -1,0 +1,96 @@
+"""Write a file or a folder whole: it appears (or replaces the old one) only once it is complete.
+
+One mechanism for every output loraforge writes: checkpoints, the final adapter, merged models, GGUF
+files, answers, eval.json, report.html. The new content goes to `.tmp-NAME-PID` beside the target,
+is fsynced, and is renamed into place; an existing target is first renamed to `.trash-NAME-PID` and
+deleted after. The two renames run with SIGTERM/SIGINT held, so a second Ctrl-C cannot fall between
+them, and a crash leaves the old target or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+SCRATCH_PREFIXES = (".tmp-", ".trash-")  # what a killed write can leave beside its target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (best effort: not every file system supports it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync(path: Path) -> None:
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.is_dir():
+        fsync_dir(path)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGTERM/SIGINT (and so the training loop's 'second signal: exit now') for a few renames."""
+    blockable = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT}) if blockable else None
+    try:
+        yield
+    finally:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def replace(tmp: Path, final: Path) -> None:
+    """Move the complete `tmp` to `final`, swapping an existing `final` out first (a rename cannot
+    replace a non-empty folder), with signals held between the two renames."""
+    with signals_deferred():
+        old = None
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".trash-{final.name}-{os.getpid()}")
+            _remove(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def written_whole(final, folder: bool = False):
+    """`with written_whole(path) as tmp:` write `tmp` (a file, or a folder if `folder`); it becomes
+    `path` only when the block completes. On any error the partial `tmp` is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    _remove(tmp)
+    try:
+        if folder:
+            tmp.mkdir()
+        yield tmp
+        _fsync(tmp)
+        replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_text_whole(path, text: str) -> Path:
+    """`path` holds `text` (UTF-8) entirely or keeps what it held before."""
+    with written_whole(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
