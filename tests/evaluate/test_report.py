@@ -170,3 +170,15 @@ def test_report_of_an_unfinished_run_and_the_report_command(tmp_path):
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = run_cli("report", str(tmp_path))
     assert result.returncode == 2 and "has no config.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_metrics_line_is_named(tmp_path):
+    """A torn last line is a kill mid-write (left out, above); a bad line before it is damage: say where."""
+    run = tmp_path / "damaged"
+    run.mkdir()
+    save_config(RunConfig(), run / "config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.5}\n')
+    result = run_cli("report", str(run))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{run / 'metrics.jsonl'}, line 2: not valid JSON" in result.stderr
+    assert not (run / "report.html").exists()

@@ -56,12 +56,8 @@ def run_merge(args) -> int:
 
     quiet_progress_bars()
     from loraforge.export.merge import merge_to_folder
-    from loraforge.export.paths import check_output
-    from loraforge.infer.session import read_run
 
     console = Console(highlight=False, soft_wrap=True)
-    read_run(args.run_dir)
-    check_output(args.out, args.force)
     with console.status("merging the adapter into the base weights"):
         out, merged, dtype = merge_to_folder(args.run_dir, args.out, args.dtype, args.force)
     if merged.note:

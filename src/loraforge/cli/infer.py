@@ -62,9 +62,8 @@ def quiet_progress_bars() -> None:
 
 
 def _load(args, console: Console):
-    from loraforge.infer.session import load_session, read_run
+    from loraforge.infer.session import load_session
 
-    read_run(args.run_dir)  # a bad folder fails before anything loads
     quiet_progress_bars()
     with console.status("loading the model"):
         session = load_session(args.run_dir, base_only=args.base, system=args.system)

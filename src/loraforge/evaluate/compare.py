@@ -27,27 +27,6 @@ SAMPLE_SEED = 0
 
 # --- the run --------------------------------------------------------------------------------
 
-def load_run_config(run_dir: Path):
-    """The run's resolved RunConfig from config.yaml."""
-    import yaml
-    from pydantic import ValidationError
-
-    from loraforge.config import RunConfig, _format_errors
-
-    path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run directory {run_dir} not found; give the folder `loraforge train` wrote")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        return RunConfig.model_validate(raw)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
-    except ValidationError as e:
-        raise UserError(_format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
-
-
 def find_adapter(run_dir: Path, adapter: Optional[str] = None) -> tuple[Path, str]:
     """The adapter folder to evaluate and how it was chosen.
 
@@ -73,29 +52,6 @@ def find_adapter(run_dir: Path, adapter: Optional[str] = None) -> tuple[Path, st
     if ckpt is not None and is_adapter(ckpt / "adapter"):
         return ckpt / "adapter", f"no final adapter yet: newest checkpoint {ckpt.name}"
     raise UserError(f"{run_dir} has no adapter/ and no complete checkpoint: training has not saved anything yet")
-
-
-def load_run_model(cfg, adapter_dir: Path):
-    """The run's base, quantized as in training, with the adapter loaded (inference mode), and its device.
-
-    Like `loraforge.infer.session.load_session`, but for any adapter folder (a checkpoint's too).
-    """
-    from peft import PeftModel
-
-    from loraforge.infer.session import inference_settings
-    from loraforge.model.load import load_base_model, resolve_base, select_device
-
-    device = select_device()
-    settings, dtype = inference_settings(cfg.model, device)  # a GPU run can be evaluated on a CPU
-    base = load_base_model(settings, dtype, device, resolve_base(settings))
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
-                        f"{first}. Was the run's base model changed?") from e
-    model.eval()
-    return model, device
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -233,11 +189,12 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Evaluate a run, write RUN_DIR/eval.json, and return what was written."""
     from loraforge.data import prepare
+    from loraforge.infer.session import load_run_config, load_run_model
     from loraforge.model.load import load_tokenizer, resolve_base
 
     run_dir = Path(run_dir)
     started = time.time()
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir)  # the run may be unfinished: --adapter can name a checkpoint
     metrics: list[Metric] = resolve_metrics(opts.metrics)  # bad --metric fails before any loading
     if opts.samples < 0 or opts.max_new_tokens <= 0 or (opts.batch_size is not None and opts.batch_size <= 0):
         raise UserError("--samples must be >= 0, --max-new-tokens and --batch-size > 0")
@@ -250,7 +207,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
     sel = select_rows(data, opts.split, opts.rows)
     log(f"eval: {sel.note} {adapter_note}.")
 
-    model, device = load_run_model(cfg, adapter_dir)
+    model, _, device = load_run_model(cfg, adapter_dir)
     batch_size = opts.batch_size or cfg.train.micro_batch_size
     loss = loss_side_by_side(model, sel.rows, batch_size, tokenizer.pad_token_id, device)
 

@@ -19,7 +19,6 @@ from loraforge.atomic import write_text_whole
 from loraforge.errors import UserError
 
 REPORT_FILE = "report.html"
-EVAL_FILE = "eval.json"
 
 CSS = """
 :root { --fg:#1d232b; --muted:#5b6573; --line:#dde2e8; --accent:#2f6fde; --good:#137a3a; --bad:#b3261e; --bg:#f6f8fa; }
@@ -69,41 +68,17 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not readable JSON ({e}); delete or fix it and rerun `loraforge report`") from None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    records = []
-    if not path.is_file():
-        return records
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if n == len(lines):
-                break  # a line cut short by a crash mid-write: ignore the torn tail
-            raise UserError(f"{path}, line {n}: not valid JSON; fix or delete the line and rerun") from None
-    return records
-
-
-def check_run_dir(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} not found; give the folder `loraforge train` wrote "
-                        "(it holds config.yaml, metrics.jsonl, adapter/)")
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory "
-                        "(or training failed before it started)")
-    return run_dir
-
-
 def read_run(run_dir: Path) -> dict:
+    from loraforge.evaluate.compare import EVAL_FILE
+    from loraforge.infer.session import check_run_dir
+    from loraforge.train.metrics import read_metrics
+
     run_dir = check_run_dir(run_dir)
     return {
         "run_dir": run_dir,
         "config_text": (run_dir / "config.yaml").read_text(),
         "summary": _read_json(run_dir / "summary.json"),
-        "metrics": _read_metrics(run_dir / "metrics.jsonl"),
+        "metrics": read_metrics(run_dir),
         "data_report": _read_json(run_dir / "data_report.json"),
         "template": _read_json(run_dir / "template.json"),
         "eval": _read_json(run_dir / EVAL_FILE),

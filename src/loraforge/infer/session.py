@@ -41,32 +41,44 @@ class Session:
     quantization: str  # as in training: nf4, fp4, int8 or none
 
 
-def read_run(run_dir) -> RunInfo:
-    """Check that `run_dir` is a finished run (config, template, adapter) and read its settings."""
+def check_run_dir(run_dir) -> Path:
+    """`run_dir` as a Path, if it is a folder `loraforge train` wrote (it has config.yaml); else a UserError."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; give the folder `loraforge train` wrote "
+        raise UserError(f"run directory {run_dir} not found; give the folder `loraforge train` wrote "
                         "(it printed the path at the end, under runs/ by default)")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         if (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is a model checkpoint, not a run directory; chat and generate take the "
-                            "folder `loraforge train` wrote (with adapter/ and config.yaml)")
-        raise UserError(f"{run_dir} is not a loraforge run directory: no config.yaml; give the folder "
-                        "`loraforge train` wrote")
+            raise UserError(f"{run_dir} is a model checkpoint, not a run directory; give the folder "
+                            "`loraforge train` wrote (with adapter/ and config.yaml)")
+        raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory (or training "
+                        "failed before it started); give the folder `loraforge train` wrote")
+    return run_dir
+
+
+def load_run_config(run_dir) -> RunConfig:
+    """The resolved RunConfig of a run directory (finished or not), every problem named."""
+    from loraforge.config import _format_errors
+
+    path = check_run_dir(run_dir) / "config.yaml"
+    try:
+        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e}); restore the file the run wrote") from None
+    except ValidationError as e:
+        raise UserError(_format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
+
+
+def read_run(run_dir) -> RunInfo:
+    """Check that `run_dir` is a finished run (config, template, adapter) and read its settings."""
+    run_dir = check_run_dir(run_dir)
     adapter_dir = run_dir / ADAPTER_DIR
     missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
     if missing:
         raise UserError(f"run directory {run_dir} has no adapter ({adapter_dir / missing[0]} is missing): the run "
                         "did not finish. Continue it with `loraforge train RECIPE --resume "
                         f"{run_dir}`, or point at a finished run")
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-        cfg = RunConfig.model_validate(raw)
-    except (yaml.YAMLError, ValidationError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{config_path} is not a valid loraforge config ({first}); restore the file the run "
-                        "wrote") from None
+    cfg = load_run_config(run_dir)
     template_path = next((p for p in (run_dir / "template.json", adapter_dir / "template.json") if p.is_file()), None)
     if template_path is None:
         raise UserError(f"{run_dir} has no template.json, so the training chat format is unknown; "
@@ -111,22 +123,34 @@ def load_run_template(info: RunInfo, tokenizer, system: Optional[str] = None):
     return template
 
 
-def load_session(run_dir, *, base_only: bool = False, system: Optional[str] = None,
-                 device: Optional[str] = None) -> Session:
-    """The run's base model quantized as in training, with the adapter applied unless `base_only`."""
+def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional[str] = None):
+    """The run's base quantized as in training (in what works on this machine), with the adapter at
+    `adapter_dir` unless None, in eval mode; returns (model, base path or Hub id, device)."""
     from peft import PeftModel
 
     from loraforge.model.load import load_base_model, resolve_base, select_device
 
-    info = read_run(run_dir)
     device = device or select_device()
-    settings, dtype = inference_settings(info.cfg.model, device)
-    tokenizer = load_run_tokenizer(info)
-    template = load_run_template(info, tokenizer, system)
+    settings, dtype = inference_settings(cfg.model, device)
     base = resolve_base(settings)
     model = load_base_model(settings, dtype, device, base)
-    if not base_only:
-        model = PeftModel.from_pretrained(model, info.adapter_dir)
+    if adapter_dir is not None:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
+                            f"{first}. Was the run's base model changed?") from e
     model.eval()
+    return model, base, device
+
+
+def load_session(run_dir, *, base_only: bool = False, system: Optional[str] = None,
+                 device: Optional[str] = None) -> Session:
+    """The run's base model quantized as in training, with the adapter applied unless `base_only`."""
+    info = read_run(run_dir)
+    tokenizer = load_run_tokenizer(info)
+    template = load_run_template(info, tokenizer, system)
+    model, base, device = load_run_model(info.cfg, None if base_only else info.adapter_dir, device)
     return Session(model=model, tokenizer=tokenizer, template=template, base=base, with_adapter=not base_only,
-                   device=device, quantization=settings.quantization)
+                   device=device, quantization=info.cfg.model.quantization)

@@ -5,20 +5,28 @@ import json
 from pathlib import Path
 
 from loraforge.atomic import write_text_whole
+from loraforge.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of `metrics.jsonl`. A last line cut off by a kill mid-write is left out (the step is
+    redone on resume); any other line that is not JSON is a UserError naming it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
+    lines = path.read_text().splitlines()
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
-        except ValueError:  # a line cut off by a kill mid-write: the step is redone on resume
-            continue
+        except ValueError:
+            if number == len(lines):
+                break
+            raise UserError(f"{path}, line {number}: not valid JSON; fix or delete the line and rerun") from None
     return records
 
 
