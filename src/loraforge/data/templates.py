@@ -51,11 +51,24 @@ def check_messages(messages: list[dict]) -> None:
         expected = "assistant" if role == "user" else "user"
 
 
+def single_token_ids(tokenizer, strings) -> list[int]:
+    """The ids of those `strings` that are a single token (generation can stop on them without decoding)."""
+    ids = []
+    for s in strings:
+        enc = tokenizer.encode(s, add_special_tokens=False) if s else []
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return list(dict.fromkeys(ids))
+
+
 class ChatTemplate:
     """Base class. Subclasses implement `_segments(system, turns)` and `parse`."""
 
     name = ""
     stop_markers: tuple[str, ...] = ()
+    # Text that starts another turn: a generated reply is cut before it (a weakly trained model may
+    # write "[INST]" instead of ending its turn with EOS).
+    turn_markers: tuple[str, ...] = ()
 
     def __init__(self, tokenizer, system_prompt: Optional[str] = None):
         self.tokenizer = tokenizer
@@ -95,12 +108,7 @@ class ChatTemplate:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        ids = []
-        for s in self.stop_strings:
-            enc = self.tokenizer.encode(s, add_special_tokens=False)
-            if len(enc) == 1:
-                ids.append(enc[0])
-        return list(dict.fromkeys(ids))
+        return single_token_ids(self.tokenizer, self.stop_strings)
 
     def record(self) -> dict:
         """What the run directory's template.json holds: enough to rebuild and verify this template."""
@@ -186,6 +194,7 @@ class Llama2Template(ChatTemplate):
     exchange, the system block only inside the first one."""
 
     name = "llama2"
+    turn_markers = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
     def _segments(self, system, turns):
         first = True
@@ -280,12 +289,14 @@ class _HeaderTemplate(ChatTemplate):
 
 class HumanResponseTemplate(_HeaderTemplate):
     name = "human_response"
+    turn_markers = ("### HUMAN:", "### RESPONSE:")
     user_header = "### HUMAN:\n"
     assistant_header = "### RESPONSE:\n"
 
 
 class AlpacaTemplate(_HeaderTemplate):
     name = "alpaca"
+    turn_markers = ("### Instruction:", "### Input:", "### Response:")
     user_header = "### Instruction:\n"
     assistant_header = "### Response:\n"
     default_system = ALPACA_PREAMBLE
@@ -358,6 +369,7 @@ class _HeaderTokenTemplate(ChatTemplate):
 
 class ChatMLTemplate(_HeaderTokenTemplate):
     name = "chatml"
+    turn_markers = ("<|im_start|>", "<|im_end|>")
     end_marker = "<|im_end|>"
     after_end = "\n"
 
@@ -367,6 +379,7 @@ class ChatMLTemplate(_HeaderTokenTemplate):
 
 class Llama3Template(_HeaderTokenTemplate):
     name = "llama3"
+    turn_markers = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     end_marker = "<|eot_id|>"
 
     def start(self, role):

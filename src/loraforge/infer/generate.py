@@ -11,17 +11,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from loraforge.errors import UserError
 
-# Text that starts another turn in each template: a reply never contains it (a weakly trained model
-# may write "[INST]" instead of ending its turn with EOS).
-TURN_MARKERS = {
-    "llama2": ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
-    "human_response": ("### HUMAN:", "### RESPONSE:"),
-    "alpaca": ("### Instruction:", "### Input:", "### Response:"),
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-}
-
-
 @dataclass(frozen=True)
 class Sampling:
     """Decoding settings; `greedy` (or temperature 0) picks the most likely token every step."""
@@ -40,7 +29,7 @@ class Sampling:
 
 def reply_stop_strings(template) -> tuple[str, ...]:
     """Where a reply ends in this template: its stop strings (end of turn, EOS) and the turn markers."""
-    return tuple(dict.fromkeys((*template.stop_strings, *TURN_MARKERS.get(template.name, ()))))
+    return tuple(dict.fromkeys((*template.stop_strings, *template.turn_markers)))
 
 
 class ReplyStream(BaseStreamer):
@@ -121,12 +110,10 @@ class _StopWhenDone(StoppingCriteria):
 
 def stop_token_ids(tokenizer, stop_strings) -> list[int]:
     """EOS and every stop string that is one token: generation ends on them without decoding."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for s in stop_strings:
-        enc = tokenizer.encode(s, add_special_tokens=False) if s else []
-        if len(enc) == 1:
-            ids.append(enc[0])
-    return list(dict.fromkeys(ids))
+    from loraforge.data.templates import single_token_ids
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(dict.fromkeys(eos + single_token_ids(tokenizer, stop_strings)))
 
 
 def context_length(model) -> Optional[int]:

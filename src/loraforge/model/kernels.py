@@ -688,11 +688,6 @@ def mlp_block(layer: nn.Module, h: torch.Tensor, cos=None, sin=None, seg=None, l
     return h + swiglu_down(g, u, mlp.down_proj, liger)
 
 
-def decoder_layer(layer: nn.Module, h: torch.Tensor, cos, sin, seg: Segments, liger) -> torch.Tensor:
-    """One Llama decoder layer on a packed (T, hidden) stream."""
-    return mlp_block(layer, attention_block(layer, h, cos, sin, seg, liger), liger=liger)
-
-
 def pack_batch(input_ids, labels, attention_mask=None, position_ids=None):
     """Flatten a micro-batch to one token stream: (ids, next-token targets, positions, Segments).
 
