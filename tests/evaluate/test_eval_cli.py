@@ -100,3 +100,20 @@ def test_bad_input_is_one_clear_message(short_run, tmp_path, args, message):
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (short_run / "eval.json").exists()
+
+
+def test_a_checkpoint_is_evaluated_with_adapter_and_a_wrong_path_is_refused(short_run, tmp_path):
+    """`--adapter RUN/checkpoints/step-N` evaluates that checkpoint (e.g. the best eval one) of the run."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("tb"))
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[0]
+    result = run_cli("eval", str(run), "--adapter", str(checkpoint), "--rows", "2", "--metric", "none",
+                     "--samples", "0")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["adapter"] == str(checkpoint / "adapter") and ev["rows"] == 2
+
+    (run / "eval.json").unlink()
+    wrong = run_cli("eval", str(run), "--adapter", str(tmp_path / "nowhere"))
+    assert wrong.returncode == 2 and "no adapter_config.json" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert not (run / "eval.json").exists()

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from cli_runner import run_cli
 
 
@@ -84,3 +86,21 @@ def test_a_run_without_adapter_is_refused_by_every_command(short_run, tmp_path):
         assert "has no adapter" in result.stderr and "--resume" in result.stderr, args
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["generate", "{run}", "--prompt", "hi", "--top-p", "1.5"], "--top-p in (0, 1]"),
+    (["chat", "{run}", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "{run}", "--prompt", "hi", "--output", "{tmp}/a.jsonl"], "--output goes with --input"),
+    (["generate", "{run}", "--prompt", "   "], "--prompt is empty"),
+    (["generate", "{run}", "--input", "{tmp}/prompts.jsonl"], "--input needs --output"),
+    (["generate", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
+    (["chat", "{tmp}"], "has no config.yaml"),
+])
+def test_bad_options_are_one_clear_message(short_run, tmp_path, args, message):
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    result = run_cli(*[a.format(run=short_run, tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "a.jsonl").exists()
