@@ -34,7 +34,7 @@ def tiny_tokenizer(tiny_model_dir):
 def short_run(tmp_path_factory, tiny_model_dir) -> Path:
     """One real NF4 training run of the demo through the CLI, shared by the tests that use its outputs."""
     run_dir = tmp_path_factory.mktemp("runs") / "short"
-    result = run_cli("train", "--set", f"train.max_steps={SHORT_RUN_STEPS}", "--set", "train.save_steps=8",
+    result = run_cli("train", "tiny", "--set", f"train.max_steps={SHORT_RUN_STEPS}", "--set", "train.save_steps=8",
                      "--set", "train.eval_steps=12", "--set", "train.logging_steps=8",
                      "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -48,7 +48,7 @@ def fake_run(run_dir: Path, overrides: list[str], checkpoint_step: int | None = 
     from loraforge.train.checkpoint import REQUIRED_FILES
 
     run_dir.mkdir(parents=True)
-    save_config(load_config(None, overrides + [f"output_dir={run_dir}"]), run_dir / "config.yaml")
+    save_config(load_config("tiny", overrides + [f"output_dir={run_dir}"]), run_dir / "config.yaml")
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     if checkpoint_step:
         ck = run_dir / "checkpoints" / f"step-{checkpoint_step:06d}"
@@ -105,14 +105,14 @@ def test_model_folder_without_config_json(capsys, tmp_path, tiny_model_dir):
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
-    status, err = cli(capsys, "train", *FAST, "--set", f"model.base={folder}", "--output-dir", str(tmp_path / "run"))
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", f"model.base={folder}", "--output-dir", str(tmp_path / "run"))
     assert_user_error(status, err, f"model.base: {folder} has no config.json", "Hugging Face checkpoint folder")
     assert not (tmp_path / "run").exists(), "a run that never started leaves no folder behind"
     assert [p.name for p in folder.iterdir()] == ["model.safetensors"]
 
 
 def test_model_folder_that_does_not_exist(capsys, tmp_path):
-    status, err = cli(capsys, "train", *FAST, "--set", f"model.base={tmp_path}/nope", "--output-dir",
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", f"model.base={tmp_path}/nope", "--output-dir",
                       str(tmp_path / "run"))
     assert_user_error(status, err, f"model.base: folder {tmp_path}/nope does not exist")
     assert not (tmp_path / "run").exists()
@@ -120,7 +120,7 @@ def test_model_folder_that_does_not_exist(capsys, tmp_path):
 
 def test_unreachable_hub_id_while_offline(tmp_path):
     """Through the real command in a subprocess: HF_HUB_OFFLINE=1 (conftest sets it) and an uncached id."""
-    result = run_cli("train", *FAST, "--set", "model.base=someone/no-such-model", "--output-dir",
+    result = run_cli("train", "tiny", *FAST, "--set", "model.base=someone/no-such-model", "--output-dir",
                      str(tmp_path / "run"), env={"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert_user_error(result.returncode, result.stderr, "could not load the tokenizer of 'someone/no-such-model'",
                       "HF_HUB_OFFLINE=1 is set, so only cached models load")
@@ -129,14 +129,14 @@ def test_unreachable_hub_id_while_offline(tmp_path):
 
 
 def test_float16_needs_a_gpu(capsys, tmp_path, tiny_model_dir):
-    status, err = cli(capsys, "train", *FAST, "--set", "model.compute_dtype=float16", "--output-dir",
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", "model.compute_dtype=float16", "--output-dir",
                       str(tmp_path / "run"))
     assert_user_error(status, err, "model.compute_dtype: float16 needs a CUDA GPU", "use 'auto'")
     assert not (tmp_path / "run").exists()
 
 
 def test_flash_attention_needs_a_gpu(capsys, tmp_path, tiny_model_dir):
-    status, err = cli(capsys, "train", *FAST, "--set", "model.attention=flash_attention_2", "--output-dir",
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", "model.attention=flash_attention_2", "--output-dir",
                       str(tmp_path / "run"))
     assert_user_error(status, err, "model.attention: flash_attention_2 needs a CUDA GPU; use 'sdpa'")
     assert not (tmp_path / "run").exists(), "config.yaml etc. written before the model loaded are removed again"
@@ -145,7 +145,7 @@ def test_flash_attention_needs_a_gpu(capsys, tmp_path, tiny_model_dir):
 # --- data ---------------------------------------------------------------------------------------
 
 def test_no_trainable_rows(capsys, tmp_path, tiny_model_dir):
-    status, err = cli(capsys, "train", *FAST, "--set", "data.max_length=9", "--output-dir", str(tmp_path / "run"))
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", "data.max_length=9", "--output-dir", str(tmp_path / "run"))
     assert_user_error(status, err, "every training row was dropped", "Raise data.max_length")
     assert not (tmp_path / "run").exists()
 
@@ -156,7 +156,7 @@ def test_non_empty_run_directory_without_resume_or_overwrite(capsys, tmp_path):
     run_dir = tmp_path / "run"
     fake_run(run_dir, FAST[1::2])
     before = snapshot(run_dir)
-    status, err = cli(capsys, "train", *FAST, "--output-dir", str(run_dir))
+    status, err = cli(capsys, "train", "tiny", *FAST, "--output-dir", str(run_dir))
     assert_user_error(status, err, f"run directory {run_dir} already exists and is not empty", "--resume",
                       "--overwrite")
     assert snapshot(run_dir) == before
@@ -166,7 +166,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("precious")
-    status, err = cli(capsys, "train", *FAST, "--overwrite", "--output-dir", str(folder))
+    status, err = cli(capsys, "train", "tiny", *FAST, "--overwrite", "--output-dir", str(folder))
     assert_user_error(status, err, f"--overwrite: {folder} does not look like a loraforge run directory",
                       "not deleted")
     assert (folder / "chapter1.tex").read_text() == "precious"
@@ -176,7 +176,7 @@ def test_resume_without_a_checkpoint(capsys, tmp_path):
     run_dir = tmp_path / "run"
     fake_run(run_dir, FAST[1::2], checkpoint_step=None)
     before = snapshot(run_dir)
-    status, err = cli(capsys, "train", *FAST, "--resume", str(run_dir))
+    status, err = cli(capsys, "train", "tiny", *FAST, "--resume", str(run_dir))
     assert_user_error(status, err, f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}",
                       "start afresh without --resume")
     assert snapshot(run_dir) == before
@@ -186,7 +186,7 @@ def test_resume_with_a_config_that_changes_the_result(capsys, tmp_path):
     run_dir = tmp_path / "run"
     fake_run(run_dir, FAST[1::2])
     before = snapshot(run_dir)
-    status, err = cli(capsys, "train", *FAST, "--set", "lora.r=8", "--set", "train.micro_batch_size=2",
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", "lora.r=8", "--set", "train.micro_batch_size=2",
                       "--set", "train.logging_steps=1", "--resume", str(run_dir))
     assert_user_error(status, err, "--resume: the config differs from the run's",
                       "in lora.r, train.micro_batch_size (", "lora.r: 4 in the run, 8 now",
@@ -201,7 +201,7 @@ def test_resume_allows_harmless_changes(tmp_path):
 
     run_dir = tmp_path / "run"
     fake_run(run_dir, FAST[1::2])
-    cfg = load_config(None, FAST[1::2] + ["train.logging_steps=1", "train.save_steps=5", "train.save_total_limit=9",
+    cfg = load_config("tiny", FAST[1::2] + ["train.logging_steps=1", "train.save_steps=5", "train.save_total_limit=9",
                                           "train.eval_steps=3", "samples=1", "model.hub_token=hf_x"])
     assert prepare_run_dir(cfg, "demo", str(run_dir), overwrite=False) == \
         (run_dir, run_dir / "checkpoints" / "step-000003")
@@ -222,7 +222,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, 
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
     run_dir = tmp_path / "run"
-    status, err = cli(capsys, "train", *FAST, "--set", "train.max_steps=3", "--set", "train.save_steps=1",
+    status, err = cli(capsys, "train", "tiny", *FAST, "--set", "train.max_steps=3", "--set", "train.save_steps=1",
                       "--output-dir", str(run_dir))
     good = run_dir / "checkpoints" / "step-000001"
     assert_user_error(status, err, f"could not write the checkpoint for step 2 in {run_dir}: No space left on device",
@@ -242,11 +242,11 @@ def test_resume_into_another_output_dir_checks_the_run_that_wrote_the_checkpoint
     fake_run(source, FAST[1::2])
     before = snapshot(source)
     fork = tmp_path / "fork"
-    changed = load_config(None, FAST[1::2] + ["lora.r=8", f"output_dir={fork}"])
+    changed = load_config("tiny", FAST[1::2] + ["lora.r=8", f"output_dir={fork}"])
     with pytest.raises(UserError, match=r"lora\.r: 4 in the run, 8 now"):
         prepare_run_dir(changed, "demo", str(source), overwrite=False)
     assert not fork.exists()
-    same = load_config(None, FAST[1::2] + [f"output_dir={fork}"])
+    same = load_config("tiny", FAST[1::2] + [f"output_dir={fork}"])
     assert prepare_run_dir(same, "demo", str(source), overwrite=False) == \
         (fork, source / "checkpoints" / "step-000003")
     assert fork.is_dir() and snapshot(source) == before

@@ -44,14 +44,14 @@ def test_adapter_loads_with_plain_peft_and_changes_the_model(short_run, tiny_mod
 
 def test_refuses_to_overwrite_an_existing_run(short_run):
     before = sorted(p.name for p in short_run.iterdir())
-    result = run_cli("train", "--set", "train.max_steps=1", "--output-dir", str(short_run))
+    result = run_cli("train", "tiny", "--set", "train.max_steps=1", "--output-dir", str(short_run))
     assert result.returncode == 2
     assert "already exists" in result.stderr and "--resume" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in short_run.iterdir()) == before
 
 
 def test_config_errors_exit_2_before_any_loading(tmp_path):
-    result = run_cli("train", "--set", "lora.r=0", "--set", "train.optimizer=sgd", "--output-dir", str(tmp_path / "x"))
+    result = run_cli("train", "tiny", "--set", "lora.r=0", "--set", "train.optimizer=sgd", "--output-dir", str(tmp_path / "x"))
     assert result.returncode == 2
     assert "lora.r" in result.stderr and "train.optimizer" in result.stderr
     assert "Traceback" not in result.stderr

@@ -41,7 +41,7 @@ def eval_records(run_dir: Path) -> list[dict]:
 def start_cli(run_dir: Path, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     """`loraforge train ...` in the background, stdout and stderr to files we can read while it runs."""
     out, err = run_dir.parent / f"{run_dir.name}.out", run_dir.parent / f"{run_dir.name}.err"
-    proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", *RUN, *extra, "--output-dir", str(run_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "loraforge", "train", "tiny", *RUN, *extra, "--output-dir", str(run_dir)],
                             stdout=open(out, "w"), stderr=open(err, "w"), env=dict(os.environ))
     return proc, out, err
 
@@ -66,7 +66,7 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_model_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = run_cli("train", *RUN, "--output-dir", str(run_dir))
+    result = run_cli("train", "tiny", *RUN, "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return run_dir
 
