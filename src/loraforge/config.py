@@ -154,7 +154,7 @@ class RunConfig(Section):
 
 # --- loading -------------------------------------------------------------------------------
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -243,7 +243,7 @@ def load_config(recipe: Optional[str] = None, overrides: list[str] = (), *, base
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_errors(e, str(path))) from None
+        raise UserError(format_errors(e, str(path))) from None
     cfg_dir = path.parent if not str(path).startswith(str(RECIPES_DIR)) else Path.cwd()
     for src in cfg.data.datasets or []:
         local = cfg_dir / src.path

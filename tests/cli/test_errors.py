@@ -45,14 +45,14 @@ def assert_user_error(status: int, err: str, *fragments: str) -> None:
 def fake_run(run_dir: Path, overrides: list[str], checkpoint_step: int | None = 3) -> None:
     """A run directory as training leaves it: the resolved config and (optionally) one checkpoint."""
     from loraforge.config import load_config, save_config
-    from loraforge.train.checkpoint import REQUIRED_FILES
+    from loraforge.rundir import CHECKPOINT_FILES
 
     run_dir.mkdir(parents=True)
     save_config(load_config("tiny", overrides + [f"output_dir={run_dir}"]), run_dir / "config.yaml")
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     if checkpoint_step:
         ck = run_dir / "checkpoints" / f"step-{checkpoint_step:06d}"
-        for name in REQUIRED_FILES:
+        for name in CHECKPOINT_FILES:
             (ck / name).parent.mkdir(parents=True, exist_ok=True)
             (ck / name).write_text("{}")
 
@@ -197,7 +197,7 @@ def test_resume_with_a_config_that_changes_the_result(capsys, tmp_path):
 
 def test_resume_allows_harmless_changes(tmp_path):
     from loraforge.config import load_config
-    from loraforge.train.rundir import prepare_run_dir
+    from loraforge.train.resume import prepare_run_dir
 
     run_dir = tmp_path / "run"
     fake_run(run_dir, FAST[1::2])
@@ -210,7 +210,7 @@ def test_resume_allows_harmless_changes(tmp_path):
 # --- faults while training ----------------------------------------------------------------------
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, monkeypatch, tiny_model_dir):
-    from loraforge.train import checkpoint as ckpt
+    from loraforge import rundir
 
     real_save, folders = torch.save, []
 
@@ -229,14 +229,14 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(capsys, tmp_path, 
                       f"The previous checkpoint ({good}) is intact; free space and resume")
     monkeypatch.undo()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001"]
-    assert ckpt.latest_checkpoint(run_dir) == good
+    assert rundir.latest_checkpoint(run_dir) == good
     torch.load(good / "optimizer.pt", weights_only=True)
 
 
 def test_resume_into_another_output_dir_checks_the_run_that_wrote_the_checkpoint(tmp_path):
     from loraforge.config import load_config
     from loraforge.errors import UserError
-    from loraforge.train.rundir import prepare_run_dir
+    from loraforge.train.resume import prepare_run_dir
 
     source = tmp_path / "run"
     fake_run(source, FAST[1::2])

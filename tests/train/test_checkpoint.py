@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from loraforge import rundir
 from loraforge.errors import UserError
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.rundir import find_resume_checkpoint
+from loraforge.train.resume import find_resume_checkpoint
 
 
 # --- the checkpoint module on a small PEFT model -------------------------------------------------
@@ -85,13 +86,13 @@ def test_checkpoint_files_load_without_pickled_objects(tmp_path):
     parts = toy()
     train_step(*parts)
     path = save(tmp_path, 1, parts)
-    assert {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} >= set(ckpt.REQUIRED_FILES)
+    assert {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} >= set(rundir.CHECKPOINT_FILES)
     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
         torch.load(path / name, weights_only=True)  # raises on anything but tensors and plain values
     rng = torch.load(path / "rng.pt", weights_only=True)
     assert {"python", "numpy", "torch"} <= rng.keys() and isinstance(rng["numpy"][1], torch.Tensor)
-    assert load_file(str(path / ckpt.ADAPTER_WEIGHTS))
-    assert json.loads((path / ckpt.STATE_FILE).read_text()) == {"step": 1}
+    assert load_file(str(path / rundir.CHECKPOINT_ADAPTER_WEIGHTS))
+    assert json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text()) == {"step": 1}
 
 
 @pytest.mark.parametrize("fault", [RuntimeError("simulated crash"), OSError(28, "No space left on device")],
@@ -119,7 +120,7 @@ def test_a_fault_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert len(calls) == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"], "no partial folder left"
     assert {p.name: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
-    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert rundir.latest_checkpoint(tmp_path) == good
     assert ckpt.load_checkpoint(good, *toy())["step"] == 1
 
 
@@ -134,8 +135,8 @@ def test_partial_checkpoints_left_by_a_hard_kill_are_ignored(tmp_path):
     # ...and a step folder missing its last file (as a copy tool or a hand-made folder could leave).
     partial = root / "step-000006"
     partial.mkdir()
-    for name in ckpt.REQUIRED_FILES:
-        if name != ckpt.STATE_FILE:
+    for name in rundir.CHECKPOINT_FILES:
+        if name != rundir.CHECKPOINT_STATE_FILE:
             (partial / name).parent.mkdir(exist_ok=True)
             (partial / name).write_bytes(b"x")
     # ...and one whose state file is there but a tensor file is not (a delete cut short).
@@ -145,15 +146,15 @@ def test_partial_checkpoints_left_by_a_hard_kill_are_ignored(tmp_path):
     (root / "step-000008").write_text("not a folder")
     (root / "notes").mkdir()
 
-    assert ckpt.list_checkpoints(tmp_path) == [(2, good)]
-    assert ckpt.latest_checkpoint(tmp_path) == good
+    assert rundir.list_checkpoints(tmp_path) == [(2, good)]
+    assert rundir.latest_checkpoint(tmp_path) == good
     assert find_resume_checkpoint("latest", tmp_path) == good
     assert find_resume_checkpoint(str(tmp_path), tmp_path) == good
     with pytest.raises(UserError, match=r"step-000006 is incomplete \(no trainer_state.json\)"):
         find_resume_checkpoint(str(partial), tmp_path)
     with pytest.raises(UserError, match=r"step-000006 is incomplete"):
         ckpt.load_checkpoint(partial, *toy())
-    (partial / ckpt.STATE_FILE).write_text("{}")  # complete names, garbage content: a clear error, no traceback
+    (partial / rundir.CHECKPOINT_STATE_FILE).write_text("{}")  # complete names, garbage content: a clear error, no traceback
     with pytest.raises(UserError, match=r"step-000006 cannot be loaded"):
         ckpt.load_checkpoint(partial, *toy())
 
@@ -166,7 +167,7 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     for step in range(1, 6):
         train_step(*parts)
         save(tmp_path, step, parts, keep=2, protect={2})
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 4, 5]
+    assert [s for s, _ in rundir.list_checkpoints(tmp_path)] == [2, 4, 5]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -175,7 +176,7 @@ def test_saving_a_step_again_replaces_it_whole_or_not_at_all(tmp_path, monkeypat
     train_step(*parts)
     save(tmp_path, 1, parts, best_step=None)
     path = save(tmp_path, 1, parts, best_step=1)  # e.g. best eval, then SIGTERM, at the same step
-    assert json.loads((path / ckpt.STATE_FILE).read_text())["best_step"] == 1
+    assert json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text())["best_step"] == 1
 
     def fail(*a, **kw):
         raise OSError(28, "No space left on device")
@@ -183,7 +184,7 @@ def test_saving_a_step_again_replaces_it_whole_or_not_at_all(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", fail)
     with pytest.raises(OSError):
         save(tmp_path, 1, parts, best_step=7)
-    assert ckpt.is_complete(path) and json.loads((path / ckpt.STATE_FILE).read_text())["best_step"] == 1
+    assert rundir.is_complete_checkpoint(path) and json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text())["best_step"] == 1
 
 
 def test_a_second_signal_cannot_fall_between_the_renames_of_a_replace(tmp_path, monkeypatch):
@@ -213,7 +214,7 @@ def test_a_second_signal_cannot_fall_between_the_renames_of_a_replace(tmp_path, 
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     assert seen[1] == "still running, final exists: False" and seen[2] == "step-000001"
-    assert ckpt.is_complete(path) and json.loads((path / ckpt.STATE_FILE).read_text())["best_step"] == 1
+    assert rundir.is_complete_checkpoint(path) and json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text())["best_step"] == 1
 
 
 # --- the real loop, in-process, with faults injected ---------------------------------------------
@@ -269,14 +270,14 @@ def test_non_finite_steps_are_skipped_up_to_the_limit_then_the_run_stops(tmp_pat
     assert "Traceback" not in err
     assert "step 2: non-finite loss/gradient, step skipped (1 of 1 allowed)" in out
 
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [1, 2, 3]  # nothing saved from the bad step
+    assert [s for s, _ in rundir.list_checkpoints(run_dir)] == [1, 2, 3]  # nothing saved from the bad step
     steps = [r for r in records(run_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and math.isnan(steps[1]["loss"])
-    w = {s: load_file(str(p / ckpt.ADAPTER_WEIGHTS)) for s, p in ckpt.list_checkpoints(run_dir)}
+    w = {s: load_file(str(p / rundir.CHECKPOINT_ADAPTER_WEIGHTS)) for s, p in rundir.list_checkpoints(run_dir)}
     assert all(torch.equal(w[1][k], w[2][k]) for k in w[1]), "a skipped step must not change the weights"
     assert not all(torch.equal(w[2][k], w[3][k]) for k in w[2]), "the step after it trains again"
     assert all(torch.isfinite(t).all() for t in w[3].values())
-    assert json.loads((last_good / ckpt.STATE_FILE).read_text())["bad_steps"] == 1
+    assert json.loads((last_good / rundir.CHECKPOINT_STATE_FILE).read_text())["bad_steps"] == 1
 
 
 def test_a_crash_mid_save_then_resume_continues_from_the_last_whole_checkpoint(tmp_path, capsys, monkeypatch,
@@ -301,7 +302,7 @@ def test_a_crash_mid_save_then_resume_continues_from_the_last_whole_checkpoint(t
         run_training(cfg, run_dir)
     monkeypatch.undo()
     good = run_dir / "checkpoints" / "step-000002"
-    assert ckpt.list_checkpoints(run_dir) == [(2, good)]
+    assert rundir.list_checkpoints(run_dir) == [(2, good)]
     # A hard kill would have left these instead of cleaning up; they must be ignored too.
     (run_dir / "checkpoints" / ".tmp-step-000004-99999").mkdir()
     (run_dir / "checkpoints" / "step-000004" / "adapter").mkdir(parents=True)
@@ -312,7 +313,7 @@ def test_a_crash_mid_save_then_resume_continues_from_the_last_whole_checkpoint(t
     assert f"resumed from {good} at step 2 of 5" in out
     assert [r["step"] for r in records(run_dir) if "loss" in r] == [1, 2, 3, 4, 5]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [4, 5]
+    assert [s for s, _ in rundir.list_checkpoints(run_dir)] == [4, 5]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
@@ -335,5 +336,5 @@ def test_evaluation_logs_perplexity_stops_early_and_keeps_the_best_checkpoint(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["best_eval"] == {"step": 2, "loss": 2.0, "checkpoint": str(best)}
     # save_total_limit=1 keeps the newest, and the best is kept besides.
-    assert ckpt.list_checkpoints(run_dir) == [(2, best), (4, run_dir / "checkpoints" / "step-000004")]
-    assert json.loads((best / ckpt.STATE_FILE).read_text())["best_step"] == 2
+    assert rundir.list_checkpoints(run_dir) == [(2, best), (4, run_dir / "checkpoints" / "step-000004")]
+    assert json.loads((best / rundir.CHECKPOINT_STATE_FILE).read_text())["best_step"] == 2

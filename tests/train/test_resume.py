@@ -128,7 +128,7 @@ def test_sigterm_then_resume_matches_a_straight_run_bitwise(straight_run, tmp_pa
 
 
 def test_a_second_signal_exits_at_once_and_the_last_checkpoint_stays_good(tmp_path):
-    from loraforge.train.checkpoint import REQUIRED_FILES, latest_checkpoint, list_checkpoints
+    from loraforge.rundir import CHECKPOINT_FILES, latest_checkpoint, list_checkpoints
 
     run_dir = tmp_path / "run"
     proc, out, err = start_cli(run_dir, "--set", "train.save_steps=2", "--set", "train.max_steps=40")
@@ -151,7 +151,7 @@ def test_a_second_signal_exits_at_once_and_the_last_checkpoint_stays_good(tmp_pa
     found = list_checkpoints(run_dir)
     assert found and found[-1][0] >= 2
     for step, path in found:
-        for name in REQUIRED_FILES:
+        for name in CHECKPOINT_FILES:
             assert (path / name).is_file(), (path, name)
         torch.load(path / "optimizer.pt", weights_only=True)
         torch.load(path / "rng.pt", weights_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
+from loraforge.rundir import DATA_REPORT_CHART, DATA_REPORT_FILE
 
 
 def register(sub) -> None:
@@ -62,9 +63,8 @@ def load_tokenizer_for(cfg):
     except UserError as e:
         raise UserError(f"the tokenizer could not be loaded: {e}") from None
     except Exception as e:  # noqa: BLE001 - anything from transformers/sentencepiece
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the tokenizer of '{cfg.model.base or 'the built-in tiny model'}' could not be loaded: "
-                        f"{first}. Check model.base and model.revision.") from None
+                        f"{first_line(e)}. Check model.base and model.revision.") from None
 
 
 def run_inspect(args) -> int:
@@ -72,7 +72,7 @@ def run_inspect(args) -> int:
 
     cfg = build_config(args)
     out = Path(args.out)
-    targets = [out / "data_report.json", out / "data_report.png"]
+    targets = [out / DATA_REPORT_FILE, out / DATA_REPORT_CHART]
     existing = [str(t) for t in targets if t.exists()]
     if existing and not args.force:
         raise UserError(f"{', '.join(existing)} already exist(s); use --force to overwrite or --out DIR elsewhere.")

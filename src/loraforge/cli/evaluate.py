@@ -80,8 +80,9 @@ def print_result(result: dict, console: Console) -> None:
 
 
 def run(args) -> int:
-    from loraforge.evaluate.compare import EVAL_FILE, EvalOptions, evaluate_run
+    from loraforge.evaluate.compare import EvalOptions, evaluate_run
     from loraforge.evaluate.report import write_report_safely
+    from loraforge.rundir import EVAL_FILE
 
     console = Console(highlight=False)
     opts = EvalOptions(split=args.split, rows=args.rows, metrics=args.metrics, samples=args.samples,

@@ -52,13 +52,11 @@ def register(sub) -> None:
 
 
 def run_merge(args) -> int:
-    from loraforge.cli.infer import quiet_progress_bars
-
-    quiet_progress_bars()
     from loraforge.export.merge import merge_to_folder
+    from loraforge.model.quiet import quiet_progress_bars
 
     console = Console(highlight=False, soft_wrap=True)
-    with console.status("merging the adapter into the base weights"):
+    with quiet_progress_bars(), console.status("merging the adapter into the base weights"):
         out, merged, dtype = merge_to_folder(args.run_dir, args.out, args.dtype, args.force)
     if merged.note:
         console.print(f"note: {merged.note}")
@@ -71,13 +69,11 @@ def run_merge(args) -> int:
 
 
 def run_gguf(args) -> int:
-    from loraforge.cli.infer import quiet_progress_bars
-
-    quiet_progress_bars()
     from loraforge.export.gguf import export_gguf
+    from loraforge.model.quiet import quiet_progress_bars
 
     console = Console(highlight=False, soft_wrap=True)
-    with console.status(f"writing {args.type} GGUF"):
+    with quiet_progress_bars(), console.status(f"writing {args.type} GGUF"):
         result = export_gguf(args.source, args.out, args.type, args.force)
     if result.note:
         console.print(f"note: {result.note}")
@@ -94,13 +90,13 @@ def run_adapter(args) -> int:
     from loraforge.errors import UserError
     from loraforge.atomic import written_whole
     from loraforge.export.paths import check_output
-    from loraforge.infer.session import read_run
+    from loraforge.rundir import read_run
 
     if not args.out and not args.push_to_hub:
         raise UserError("export adapter: give --out DIR to copy the adapter, --push-to-hub OWNER/NAME to upload it, "
                         "or both")
     console = Console(highlight=False, soft_wrap=True)
-    info = read_run(args.run_dir)
+    info = read_run(args.run_dir, finished=True)
     folder = info.adapter_dir
     if args.out:
         out = check_output(args.out, args.force)

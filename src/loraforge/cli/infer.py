@@ -54,18 +54,11 @@ def _sampling(args):
                     seed=args.seed, greedy=args.greedy)
 
 
-def quiet_progress_bars() -> None:
-    """transformers' "Loading weights" bars would land in the middle of the chat or the answers."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def _load(args, console: Console):
     from loraforge.infer.session import load_session
+    from loraforge.model.quiet import quiet_progress_bars
 
-    quiet_progress_bars()
-    with console.status("loading the model"):
+    with quiet_progress_bars(), console.status("loading the model"):
         session = load_session(args.run_dir, base_only=args.base, system=args.system)
     what = "base model only (no adapter)" if args.base else "adapter on the base"
     console.print(f"{what}: {session.base} ({session.quantization}, {session.device}); "

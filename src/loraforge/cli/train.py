@@ -32,7 +32,7 @@ def run(args) -> int:
     from loraforge.evaluate.report import write_report_safely
     from loraforge.train.loop import TrainingInterrupted, run_training
     from loraforge.errors import UserError
-    from loraforge.train.rundir import discard_if_unstarted, prepare_run_dir, resume_command
+    from loraforge.train.resume import discard_if_unstarted, prepare_run_dir, resume_command
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from loraforge.rundir import DATA_REPORT_CHART, DATA_REPORT_FILE
+
 MASK_OPEN, MASK_CLOSE = "⟦", "⟧"  # marks text that is masked (no loss) in rendered examples
 LEGEND = f"{MASK_OPEN}…{MASK_CLOSE} is masked (no loss); everything else is trained"
 
@@ -79,7 +81,7 @@ def write_data_report(prepared, run_dir) -> tuple[Path, Path]:
     """Write data_report.json and data_report.png (lengths next to max_length) into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = run_dir / "data_report.json", run_dir / "data_report.png"
+    json_path, png_path = run_dir / DATA_REPORT_FILE, run_dir / DATA_REPORT_CHART
     json_path.write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
     plot_lengths(prepared.lengths, prepared.report["max_length"], png_path)
     return json_path, png_path

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _LOCAL_HINT = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".arrow")
@@ -207,7 +207,7 @@ def _explain_json(path: str) -> None:
 
 
 def _load_error(path: str, split: str, e: Exception) -> UserError:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = first_line(e)
     if "split" in msg.lower() and split not in ("train",):
         return UserError(f"{path}: no split '{split}' (a local file has only 'train'; slices like "
                          f"'train[:100]' work). Use data.eval_fraction or eval_size to hold out rows.")
@@ -257,7 +257,7 @@ def _load_hub(src, split: str) -> LoadedSource:
         with quiet_datasets(progress=True):
             ds = datasets.load_dataset(src.path, src.subset, **kwargs)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         hint = "check the name or your connection"
         if _offline():
             hint += "; offline mode is on: set HF_HUB_OFFLINE=0 (and HF_DATASETS_OFFLINE=0) to download"

@@ -19,39 +19,10 @@ from typing import Callable, Optional
 from loraforge.atomic import write_text_whole
 from loraforge.errors import UserError
 from loraforge.evaluate.metrics import Metric, mean_scores, resolve_metrics
+from loraforge.rundir import EVAL_FILE, find_adapter, load_run_config
 
-EVAL_FILE = "eval.json"
 DEFAULT_TRAIN_ROWS = 64  # rows sampled from the training set when evaluating on it
 SAMPLE_SEED = 0
-
-
-# --- the run --------------------------------------------------------------------------------
-
-def find_adapter(run_dir: Path, adapter: Optional[str] = None) -> tuple[Path, str]:
-    """The adapter folder to evaluate and how it was chosen.
-
-    `adapter` may be an adapter folder or a checkpoint folder; by default the run's final
-    `adapter/`, else (a run still going or stopped) its newest complete checkpoint.
-    """
-    from loraforge.train.checkpoint import latest_checkpoint
-
-    def is_adapter(p: Path) -> bool:
-        return (p / "adapter_config.json").is_file()
-
-    if adapter:
-        p = Path(adapter)
-        for candidate in (p, p / "adapter"):
-            if is_adapter(candidate):
-                return candidate, f"adapter {candidate}"
-        raise UserError(f"--adapter {adapter}: no adapter_config.json there (nor in {p / 'adapter'}); give an "
-                        "adapter folder or a checkpoint folder such as RUN/checkpoints/step-000100")
-    final = Path(run_dir) / "adapter"
-    if is_adapter(final):
-        return final, f"final adapter {final}"
-    ckpt = latest_checkpoint(Path(run_dir))
-    if ckpt is not None and is_adapter(ckpt / "adapter"):
-        return ckpt / "adapter", f"no final adapter yet: newest checkpoint {ckpt.name}"
-    raise UserError(f"{run_dir} has no adapter/ and no complete checkpoint: training has not saved anything yet")
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -140,7 +111,7 @@ def _question(messages: list[dict]) -> str:
 
 def loss_side_by_side(model, rows: list[dict], batch_size: int, pad_id: int, device) -> dict:
     """{responses|all: {base|tuned: {loss, perplexity, tokens}}} on the same rows."""
-    from loraforge.evaluate.loss import mean_token_loss, perplexity
+    from loraforge.train.loss import mean_token_loss, perplexity
 
     variants = {"responses": rows,
                 "all": [{"input_ids": r["input_ids"], "labels": list(r["input_ids"])} for r in rows]}
@@ -189,7 +160,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
                  progress: Optional[Callable[[int, int], None]] = None) -> dict:
     """Evaluate a run, write RUN_DIR/eval.json, and return what was written."""
     from loraforge.data import prepare
-    from loraforge.infer.session import load_run_config, load_run_model
+    from loraforge.infer.session import load_run_model
     from loraforge.model.load import load_tokenizer, resolve_base
 
     run_dir = Path(run_dir)

@@ -220,10 +220,11 @@ def load_merged_folder(folder: Path, dtype: torch.dtype = torch.float32):
     """A merged checkpoint folder (e.g. from `loraforge merge`) as a Merged, architecture checked before loading."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loraforge.export.merge import TEMPLATE_FILE, Merged
-    from loraforge.model.load import load_tokenizer
     from loraforge.config import ModelSettings
     from loraforge.data.templates import template_from_record
+    from loraforge.export.merge import Merged
+    from loraforge.model.load import load_tokenizer
+    from loraforge.rundir import TEMPLATE_FILE
 
     check_architecture(AutoConfig.from_pretrained(folder), str(folder))
     tokenizer = load_tokenizer(ModelSettings(base=str(folder)), str(folder))
@@ -241,17 +242,17 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False) -> GGUF
     from loraforge.export.merge import merge_run
     from loraforge.atomic import written_whole
     from loraforge.export.paths import check_output
-    from loraforge.infer.session import read_run
     from loraforge.model.load import resolve_base
+    from loraforge.rundir import CONFIG_FILE, read_run
 
     source = Path(source)
     if out_type not in GGUF_TYPES:
         raise UserError(f"--type {out_type}: choose one of {', '.join(GGUF_TYPES)}")
-    if (source / "config.json").is_file() and not (source / "config.yaml").is_file():
+    if (source / "config.json").is_file() and not (source / CONFIG_FILE).is_file():
         out = check_output(out, force)
         merged = load_merged_folder(source)
     else:
-        info = read_run(source)
+        info = read_run(source, finished=True)
         check_architecture(AutoConfig.from_pretrained(resolve_base(info.cfg.model)), f"the base of {source}")
         out = check_output(out, force)
         merged = merge_run(info, torch.float32)

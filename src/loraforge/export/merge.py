@@ -11,9 +11,8 @@ import torch
 
 from loraforge.errors import UserError
 from loraforge.export import MERGE_DTYPES
-from loraforge.infer.session import RunInfo, load_run_template, load_run_tokenizer, read_run
-
-TEMPLATE_FILE = "template.json"
+from loraforge.infer.session import load_run_template, load_run_tokenizer
+from loraforge.rundir import TEMPLATE_FILE, Run, read_run
 
 
 @dataclass
@@ -26,7 +25,7 @@ class Merged:
     note: Optional[str] = None  # what the user should know about the numbers
 
 
-def quantized_note(info: RunInfo, dtype: torch.dtype) -> Optional[str]:
+def quantized_note(info: Run, dtype: torch.dtype) -> Optional[str]:
     q = info.cfg.model.quantization
     if q == "none":
         return None
@@ -49,7 +48,7 @@ def resolve_merge_dtype(name: str, base: str) -> torch.dtype:
     return saved if saved in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
 
 
-def merge_run(info: RunInfo, dtype: torch.dtype) -> Merged:
+def merge_run(info: Run, dtype: torch.dtype) -> Merged:
     """The run's adapter folded into its base, loaded unquantized in `dtype` on the CPU.
 
     PEFT computes the LoRA update in float32 on the CPU and adds it to the 16/32-bit weights; the
@@ -108,7 +107,7 @@ def merge_to_folder(run_dir, out, dtype_name: str = "auto", force: bool = False)
     from loraforge.export.paths import check_output
     from loraforge.model.load import resolve_base
 
-    info = read_run(run_dir)
+    info = read_run(run_dir, finished=True)
     out = check_output(out, force)
     dtype = resolve_merge_dtype(dtype_name, resolve_base(info.cfg.model))
     merged = merge_run(info, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.rundir import ADAPTER_DIR, CONFIG_FILE
 
 
 def check_output(path, force: bool, flag: str = "--out") -> Path:
@@ -13,7 +14,7 @@ def check_output(path, force: bool, flag: str = "--out") -> Path:
     if path.exists() or path.is_symlink():
         if not force:
             raise UserError(f"{flag} {path} already exists; choose another path or add --force to replace it")
-        if path.is_dir() and ((path / "config.yaml").is_file() or (path / "adapter").is_dir()):
+        if path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / ADAPTER_DIR).is_dir()):
             raise UserError(f"{flag} {path} is a training run directory; it is not replaced even with --force. "
                             "Choose another path")
         cwd = Path.cwd().resolve()

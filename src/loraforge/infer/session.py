@@ -2,32 +2,16 @@
 the training template: everything chat, generate, merge and export need, checked with clear errors."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import yaml
-from pydantic import ValidationError
-
 from loraforge.config import ModelSettings, RunConfig
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
+from loraforge.rundir import Run, read_run
 
 if TYPE_CHECKING:
     import torch
-
-ADAPTER_DIR = "adapter"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@dataclass
-class RunInfo:
-    """What a run directory says about itself; nothing heavy is loaded."""
-
-    run_dir: Path
-    cfg: RunConfig
-    adapter_dir: Path
-    template_record: dict
 
 
 @dataclass
@@ -39,55 +23,6 @@ class Session:
     with_adapter: bool
     device: str
     quantization: str  # as in training: nf4, fp4, int8 or none
-
-
-def check_run_dir(run_dir) -> Path:
-    """`run_dir` as a Path, if it is a folder `loraforge train` wrote (it has config.yaml); else a UserError."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} not found; give the folder `loraforge train` wrote "
-                        "(it printed the path at the end, under runs/ by default)")
-    if not (run_dir / "config.yaml").is_file():
-        if (run_dir / "config.json").is_file():
-            raise UserError(f"{run_dir} is a model checkpoint, not a run directory; give the folder "
-                            "`loraforge train` wrote (with adapter/ and config.yaml)")
-        raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory (or training "
-                        "failed before it started); give the folder `loraforge train` wrote")
-    return run_dir
-
-
-def load_run_config(run_dir) -> RunConfig:
-    """The resolved RunConfig of a run directory (finished or not), every problem named."""
-    from loraforge.config import _format_errors
-
-    path = check_run_dir(run_dir) / "config.yaml"
-    try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e}); restore the file the run wrote") from None
-    except ValidationError as e:
-        raise UserError(_format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
-
-
-def read_run(run_dir) -> RunInfo:
-    """Check that `run_dir` is a finished run (config, template, adapter) and read its settings."""
-    run_dir = check_run_dir(run_dir)
-    adapter_dir = run_dir / ADAPTER_DIR
-    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
-    if missing:
-        raise UserError(f"run directory {run_dir} has no adapter ({adapter_dir / missing[0]} is missing): the run "
-                        "did not finish. Continue it with `loraforge train RECIPE --resume "
-                        f"{run_dir}`, or point at a finished run")
-    cfg = load_run_config(run_dir)
-    template_path = next((p for p in (run_dir / "template.json", adapter_dir / "template.json") if p.is_file()), None)
-    if template_path is None:
-        raise UserError(f"{run_dir} has no template.json, so the training chat format is unknown; "
-                        "restore it from the run (a copy is in adapter/template.json)")
-    try:
-        record = json.loads(template_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{template_path} is not valid JSON ({e}); restore the file the run wrote") from None
-    return RunInfo(run_dir=run_dir, cfg=cfg, adapter_dir=adapter_dir, template_record=record)
 
 
 def inference_settings(settings: ModelSettings, device: str) -> tuple[ModelSettings, "torch.dtype"]:
@@ -104,7 +39,7 @@ def inference_settings(settings: ModelSettings, device: str) -> tuple[ModelSetti
     return settings, dtype
 
 
-def load_run_tokenizer(info: RunInfo):
+def load_run_tokenizer(info: Run):
     """The tokenizer saved with the adapter (the one training used), else the base's."""
     from loraforge.model.load import load_tokenizer, resolve_base
 
@@ -113,7 +48,7 @@ def load_run_tokenizer(info: RunInfo):
     return load_tokenizer(info.cfg.model, resolve_base(info.cfg.model))
 
 
-def load_run_template(info: RunInfo, tokenizer, system: Optional[str] = None):
+def load_run_template(info: Run, tokenizer, system: Optional[str] = None):
     """The training template, verified to render as in training; `system` replaces the run's system prompt."""
     from loraforge.data.templates import get_template, template_from_record
 
@@ -138,9 +73,8 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
-                            f"{first}. Was the run's base model changed?") from e
+                            f"{first_line(e)}. Was the run's base model changed?") from e
     model.eval()
     return model, base, device
 
@@ -148,7 +82,7 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
 def load_session(run_dir, *, base_only: bool = False, system: Optional[str] = None,
                  device: Optional[str] = None) -> Session:
     """The run's base model quantized as in training, with the adapter applied unless `base_only`."""
-    info = read_run(run_dir)
+    info = read_run(run_dir, finished=True)
     tokenizer = load_run_tokenizer(info)
     template = load_run_template(info, tokenizer, system)
     model, base, device = load_run_model(info.cfg, None if base_only else info.adapter_dir, device)

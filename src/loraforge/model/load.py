@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from loraforge.config import ModelSettings
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
 from loraforge.model import tiny
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -59,8 +59,7 @@ def _explain_load_failure(what: str, base: str, err: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = ("HF_HUB_OFFLINE=1 is set, so only cached models load" if offline
             else "check the name, your connection, and HF_TOKEN for gated models")
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"could not load the {what} of '{base}': {first_line}. {hint}")
+    return UserError(f"could not load the {what} of '{base}': {first_line(err)}. {hint}")
 
 
 def load_tokenizer(cfg: ModelSettings, base: Optional[str] = None):

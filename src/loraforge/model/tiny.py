@@ -8,7 +8,6 @@ Llama-2's trainer options, and special ids `<unk>`=0, `<s>`=1, `</s>`=2 like Lla
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -18,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+
+from loraforge.model.quiet import quiet_progress_bars
 
 TINY_MODEL_NAME = "tiny-llama-v2"  # v2: the output head drawn wider (HEAD_INIT_STD)
 _STAGING_PREFIX = f".{TINY_MODEL_NAME}.tmp-"
@@ -209,19 +210,5 @@ def _save_model(out_dir: Path, vocab_size: int) -> None:
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, HEAD_INIT_STD)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(str(out_dir))  # safetensors, the only format transformers 5 writes
-
-
-@contextlib.contextmanager
-def _quiet_progress_bars():
-    """No "Writing model shards" bar in the middle of a command's output for a 20 MB file."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

@@ -6,8 +6,8 @@ loadable with `torch.load(weights_only=True)`: no pickled objects), and `trainer
 (the step - which fixes the data position, as the batch plan is a pure function of it - and the
 bookkeeping to carry on: best eval, patience, skipped steps).
 
-Only a folder named `step-NNNNNN` holding every file in `REQUIRED_FILES` counts as a
-checkpoint. A crash or kill mid-save leaves a `.tmp-*` folder (never picked up, removed at the
+Only a folder named `step-NNNNNN` holding every file in `loraforge.rundir.CHECKPOINT_FILES` counts
+as a checkpoint (`rundir.list_checkpoints` finds them). A crash or kill mid-save leaves a `.tmp-*` folder (never picked up, removed at the
 next save); pruning renames a folder to `.trash-*` before deleting it, so a kill mid-prune
 cannot leave a half-deleted `step-*` folder that looks complete.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -24,18 +23,10 @@ import numpy as np
 import torch
 
 from loraforge.atomic import SCRATCH_PREFIXES, written_whole
-from loraforge.errors import UserError
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "trainer_state.json"
-ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
-REQUIRED_FILES = (ADAPTER_WEIGHTS, "adapter/adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
-                  STATE_FILE)
-_NAME = re.compile(r"^step-(\d{6,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
+from loraforge.errors import UserError, first_line
+from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_ADAPTER_WEIGHTS, CHECKPOINT_DIR, CHECKPOINT_FILES,
+                              CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_RNG_FILE, CHECKPOINT_SCHEDULER_FILE,
+                              CHECKPOINT_STATE_FILE, checkpoint_name, list_checkpoints)
 
 
 def rng_state() -> dict:
@@ -90,35 +81,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     _clean_scratch(root)
     final = root / checkpoint_name(step)
     with written_whole(final, folder=True) as tmp:
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / CHECKPOINT_SCHEDULER_FILE)
+        torch.save(rng_state(), tmp / CHECKPOINT_RNG_FILE)
         # Written last: a folder with this file was complete when the rename happened.
-        (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
+        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
     prune_checkpoints(run_dir, keep, protect | {step})
     return final
-
-
-def is_complete(path: Path) -> bool:
-    path = Path(path)
-    return all((path / f).is_file() for f in REQUIRED_FILES)
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first; partial and scratch folders are ignored."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    found = []
-    for p in root.iterdir() if root.is_dir() else []:
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset()) -> None:
@@ -142,24 +112,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); "
                         f"resume from an earlier one in {path.parent}")
     try:
-        weights = load_file(str(path / ADAPTER_WEIGHTS))
+        weights = load_file(str(path / CHECKPOINT_ADAPTER_WEIGHTS))
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise UserError(f"checkpoint {path}: the adapter has weights this model does not ({unexpected[0]}, ...); "
                             "it was saved with different lora settings")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-        return json.loads((path / STATE_FILE).read_text())
+        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / CHECKPOINT_SCHEDULER_FILE, weights_only=True))
+        set_rng_state(torch.load(path / CHECKPOINT_RNG_FILE, weights_only=True))
+        return json.loads((path / CHECKPOINT_STATE_FILE).read_text())
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded ({first}); "
+        raise UserError(f"checkpoint {path} cannot be loaded ({first_line(e)}); "
                         f"resume from an earlier one in {path.parent}") from e

@@ -20,14 +20,16 @@ from accelerate.utils import set_seed
 
 from loraforge.atomic import written_whole
 from loraforge.config import RunConfig, save_config
+from loraforge.environment import environment_info
 from loraforge.errors import UserError
-from loraforge.evaluate.loss import mean_token_loss, perplexity
-from loraforge.evaluate.environment import environment_info
 from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, resolve_dtype, select_device
 from loraforge.model.kernels import apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
+from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, TEMPLATE_FILE, checkpoint_name,
+                              read_metrics)
 from loraforge.train import checkpoint as ckpt
-from loraforge.train.metrics import MetricsLog, read_metrics
+from loraforge.train.loss import mean_token_loss, perplexity
+from loraforge.train.metrics import MetricsLog
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.plan import BatchPlan, collate, collate_packed, split_by_tokens, trained_tokens
 from loraforge.train.progress import TrainProgress
@@ -85,8 +87,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     # Data first: a bad row should fail in seconds, not after loading 7B weights.
     tokenizer = load_tokenizer(cfg.model, base)
     data = prepare(cfg.data, tokenizer, log=say)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "template.json").write_text(json.dumps(data.template_record(), indent=1))
+    save_config(cfg, run_dir / CONFIG_FILE)
+    (run_dir / TEMPLATE_FILE).write_text(json.dumps(data.template_record(), indent=1))
     write_data_report(data, run_dir)
 
     model = load_base_model(cfg.model, dtype, device, base)
@@ -126,7 +128,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     def save_once(step: int) -> Path:
         """save(step), unless this step was just saved (a best eval, then a signal or the end)."""
-        if last_checkpoint is not None and Path(last_checkpoint).name == ckpt.checkpoint_name(step):
+        if last_checkpoint is not None and Path(last_checkpoint).name == checkpoint_name(step):
             return last_checkpoint
         return save(step)
 
@@ -226,12 +228,12 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     metrics.close()
 
     unwrapped = accelerator.unwrap_model(model)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
         with written_whole(adapter_dir, folder=True) as tmp:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "template.json").write_text((run_dir / "template.json").read_text())
+            (tmp / TEMPLATE_FILE).write_text((run_dir / TEMPLATE_FILE).read_text())
     except OSError as e:
         raise UserError(f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
                         f"{last_checkpoint} is complete: free space and run the same command with --resume") from e
@@ -243,12 +245,12 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0, samples=samples,
         stopped_early=stopped_early,
         best_eval={"step": state["best_step"], "loss": state["best_eval_loss"],
-                   "checkpoint": str(run_dir / ckpt.CHECKPOINT_DIR / ckpt.checkpoint_name(state["best_step"]))}
+                   "checkpoint": str(run_dir / CHECKPOINT_DIR / checkpoint_name(state["best_step"]))}
         if state["best_step"] else None)
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return result
 
 

@@ -5,30 +5,7 @@ import json
 from pathlib import Path
 
 from loraforge.atomic import write_text_whole
-from loraforge.errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of `metrics.jsonl`. A last line cut off by a kill mid-write is left out (the step is
-    redone on resume); any other line that is not JSON is a UserError naming it."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path}, line {number}: not valid JSON; fix or delete the line and rerun") from None
-    return records
-
+from loraforge.rundir import METRICS_FILE, TENSORBOARD_DIR, read_metrics
 
 class MetricsLog:
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None):
@@ -43,7 +20,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+                self._tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step)
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
 

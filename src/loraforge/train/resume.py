@@ -1,4 +1,5 @@
-"""The run directory: chosen, protected from silent overwrites, and checked when resuming."""
+"""Starting or resuming a training run: the run directory chosen, protected from silent overwrites, and
+checked against the config when resuming. Its layout is `loraforge.rundir`'s."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +11,9 @@ import yaml
 
 from loraforge.config import RunConfig
 from loraforge.errors import UserError
-from loraforge.train.checkpoint import CHECKPOINT_DIR, REQUIRED_FILES, is_complete, latest_checkpoint
+from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, CHECKPOINT_RNG_FILE,
+                              CHECKPOINT_STATE_FILE, CONFIG_FILE, METRICS_FILE, RUN_MARKERS, is_complete_checkpoint,
+                              latest_checkpoint, looks_like_run_dir)
 
 # Keys whose change leaves a resumed run's numbers exactly as an uninterrupted run's: where
 # things are written, how often, and what is only observed (evaluation runs without gradients
@@ -22,8 +25,6 @@ HARMLESS_KEYS = {
     "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
 }
-# Files a run writes before its first step; a folder holding only these has nothing to lose.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "adapter", "summary.json")
 
 
 def default_run_dir(name: str) -> Path:
@@ -54,9 +55,9 @@ def describe_differences(saved: dict, current: dict) -> str:
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path:
     """`resume` is 'latest' (the run directory's newest checkpoint), a run directory, or a checkpoint."""
     target = run_dir if resume == "latest" else Path(resume)
-    if (target / "trainer_state.json").is_file() or (target / "rng.pt").is_file():  # one checkpoint
-        if not is_complete(target):
-            missing = [f for f in REQUIRED_FILES if not (target / f).is_file()]
+    if (target / CHECKPOINT_STATE_FILE).is_file() or (target / CHECKPOINT_RNG_FILE).is_file():  # one checkpoint
+        if not is_complete_checkpoint(target):
+            missing = [f for f in CHECKPOINT_FILES if not (target / f).is_file()]
             raise UserError(f"--resume: checkpoint {target} is incomplete (no {', '.join(missing)}), probably "
                             f"cut off mid-save; resume from the run directory {target.parent.parent} to use "
                             "its newest complete checkpoint")
@@ -70,7 +71,7 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path:
 
 
 def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         return
     try:
@@ -84,10 +85,6 @@ def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
                         f"({describe_differences(saved, cfg.saved_dict())}). These change the result, so "
                         "resuming would not continue the same run: give the same values (the same recipe and "
                         "--set flags), or start a new run with another --output-dir")
-
-
-def looks_like_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_MARKERS)
 
 
 def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite: bool) -> tuple[Path, Optional[Path]]:
@@ -123,9 +120,9 @@ def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite:
 def is_unstarted(run_dir: Path) -> bool:
     """True when the run wrote nothing a user could want back: no checkpoint, adapter or step record."""
     run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / "adapter").exists():
+    if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / ADAPTER_DIR).exists():
         return False
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     return not (metrics.is_file() and metrics.stat().st_size > 0)
 
 

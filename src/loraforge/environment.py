@@ -1,4 +1,4 @@
-"""Hardware and library versions, recorded in summary.json at train time and shown in the report."""
+"""Hardware and library versions: recorded in summary.json at the end of training, shown in the report."""
 from __future__ import annotations
 
 import platform
