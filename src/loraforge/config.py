@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,8 @@ Quantization = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 Template = Literal["llama2", "human_response", "alpaca", "chatml", "llama3", "tokenizer"]
 Shape = Literal["auto", "text", "instruction", "input_output", "messages", "tokens"]
+TEMPLATE_NAMES: tuple[str, ...] = get_args(Template)  # the one list of chat templates (data.templates builds them)
+FORMAT_NAMES: tuple[str, ...] = get_args(Shape)  # dataset shapes a source's `format` may name
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 Scheduler = Literal["constant", "cosine", "linear"]
 LORA_TARGET_GROUPS = ("attention", "all-linear")

@@ -1,7 +1,8 @@
 """Every template rendered against hand-written strings; prompts, parsing, records."""
 import pytest
 
-from loraforge.data.templates import Segment, get_template, guess_template, template_from_record
+from loraforge.data.templates import (Segment, check_messages, get_template, guess_template, misplaced_turn,
+                                      template_from_record)
 from loraforge.errors import UserError
 
 CONV = [
@@ -185,3 +186,22 @@ def test_record_round_trip_and_mismatch(tok):
 def test_unknown_template(tok):
     with pytest.raises(UserError, match="unknown template"):
         get_template("vicuna", tok)
+
+
+@pytest.mark.parametrize("roles, found", [
+    (["system", "user", "assistant", "user"], None),
+    (["assistant", "user"], (1, "user")),
+    (["user", "user"], (2, "assistant")),
+    (["user", "assistant", "system"], (3, None)),
+])
+def test_one_turn_order_rule_for_rows_and_prompts(roles, found):
+    assert misplaced_turn(roles) == found
+
+
+def test_check_messages_names_the_earliest_problem():
+    with pytest.raises(ValueError, match="turn 2: expected a assistant turn, got user"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "x"}])
+    with pytest.raises(ValueError, match=r"turn 2: expected \{'role'"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "x"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ValueError, match="turn 2: a system turn is only allowed first"):
+        check_messages([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}])

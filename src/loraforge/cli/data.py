@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from loraforge.config import FORMAT_NAMES, TEMPLATE_NAMES
 from loraforge.errors import UserError, first_line
 from loraforge.rundir import DATA_REPORT_CHART, DATA_REPORT_FILE
 
@@ -20,9 +21,9 @@ def register(sub) -> None:
     i.add_argument("config", nargs="?", help="recipe name or YAML path (default: demo)")
     i.add_argument("--dataset", metavar="PATH", help="inspect this dataset (file, glob, save_to_disk folder or Hub id) "
                    "instead of the config's")
-    i.add_argument("--format", choices=["auto", "text", "instruction", "input_output", "messages", "tokens"],
+    i.add_argument("--format", choices=FORMAT_NAMES,
                    help="shape of --dataset (default: auto)")
-    i.add_argument("--template", choices=["llama2", "human_response", "alpaca", "chatml", "llama3", "tokenizer"],
+    i.add_argument("--template", choices=TEMPLATE_NAMES,
                    help="chat template (default: the config's)")
     i.add_argument("--max-length", type=int, metavar="N", help="max tokens per row (default: the config's)")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

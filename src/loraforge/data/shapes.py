@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from loraforge.data.templates import ChatTemplate, guess_template
+from loraforge.data.templates import ChatTemplate, guess_template, misplaced_turn
 from loraforge.errors import UserError
 
 REQUIRED = {
@@ -133,15 +133,14 @@ def _text(row: dict, fields: dict, name: str, *, required=True, response=False) 
 
 
 def check_conversation(msgs: list[dict], col: str = "messages") -> None:
-    """Order and content checks; RowError names the turn."""
-    expected = "user"
+    """Order and content checks; RowError names the turn (the first problem in turn order)."""
+    misplaced = misplaced_turn([m["role"] for m in msgs])
     for i, m in enumerate(msgs, 1):
         role, content = m["role"], m["content"]
-        if role == "system":
-            if i != 1:
+        if misplaced is not None and misplaced[0] == i:
+            expected = misplaced[1]
+            if expected is None:
                 raise RowError(f"'{col}' turn {i} is a system turn; only the first turn may be. Move or remove it.")
-            continue
-        if role != expected:
             raise RowError(f"'{col}' turn {i} is from the {role} but the {expected} should speak next: turns must "
                            "alternate user/assistant, starting with user (a system turn may come first).")
         if role == "assistant" and not content.strip():
@@ -149,7 +148,6 @@ def check_conversation(msgs: list[dict], col: str = "messages") -> None:
                            "Fill it in or remove the row.")
         if role == "user" and not content.strip():
             raise RowError(f"'{col}' turn {i} (user) is empty. Fill it in or remove the row.")
-        expected = "assistant" if role == "user" else "user"
     if not any(m["role"] == "assistant" for m in msgs):
         raise RowError(f"'{col}' has no assistant turn; there is nothing to learn. Add the reply or remove the row.")
     if msgs[-1]["role"] != "assistant":

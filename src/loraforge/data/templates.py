@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from loraforge.config import TEMPLATE_NAMES
 from loraforge.errors import UserError
 
 ROLES = ("system", "user", "assistant")
-TEMPLATE_NAMES = ("llama2", "human_response", "alpaca", "chatml", "llama3", "tokenizer")
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -35,20 +35,38 @@ class Segment:
     trainable: bool
 
 
-def check_messages(messages: list[dict]) -> None:
-    """Raise ValueError unless: optional system first, then user/assistant alternating from user."""
+def misplaced_turn(roles: list[str]) -> Optional[tuple[int, Optional[str]]]:
+    """The first turn out of order as (its number from 1, the role expected there), or None. In order: an
+    optional system turn first, then user and assistant alternating from user. A system turn after the
+    first has no expected role (None): it is misplaced wherever it is."""
     expected = "user"
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if not isinstance(m, dict) or role not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"turn {i + 1}: expected {{'role': system|user|assistant, 'content': str}}, got {m!r:.80}")
+    for number, role in enumerate(roles, 1):
         if role == "system":
-            if i != 0:
-                raise ValueError(f"turn {i + 1}: a system turn is only allowed first")
+            if number != 1:
+                return number, None
             continue
         if role != expected:
-            raise ValueError(f"turn {i + 1}: expected a {expected} turn, got {role} (turns must alternate user/assistant)")
+            return number, expected
         expected = "assistant" if role == "user" else "user"
+    return None
+
+
+def check_messages(messages: list[dict]) -> None:
+    """Raise ValueError unless: optional system first, then user/assistant alternating from user."""
+    malformed = next((i for i, m in enumerate(messages) if not isinstance(m, dict) or m.get("role") not in ROLES
+                      or not isinstance(m.get("content"), str)), None)
+    # Only the turns before a malformed one are checked for order: the earliest problem is reported.
+    misplaced = misplaced_turn([m["role"] for m in messages[:malformed]])
+    if misplaced is not None:
+        number, expected = misplaced
+        if expected is None:
+            raise ValueError(f"turn {number}: a system turn is only allowed first")
+        raise ValueError(f"turn {number}: expected a {expected} turn, got {messages[number - 1]['role']} "
+                         "(turns must alternate user/assistant)")
+    if malformed is not None:
+        m = messages[malformed]
+        raise ValueError(f"turn {malformed + 1}: expected {{'role': system|user|assistant, 'content': str}}, "
+                         f"got {m!r:.80}")
 
 
 def single_token_ids(tokenizer, strings) -> list[int]:
