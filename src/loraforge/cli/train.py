@@ -30,6 +30,7 @@ def run(args) -> int:
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
     from loraforge.evaluate.report import write_report_safely
+    from loraforge.rundir import CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR
     from loraforge.train.loop import TrainingInterrupted, run_training
     from loraforge.errors import UserError
     from loraforge.train.resume import discard_if_unstarted, prepare_run_dir, resume_command
@@ -64,10 +65,11 @@ def run(args) -> int:
         console.print(table)
     d = result.run_dir
     console.print(f"adapter (PEFT format):  {result.adapter_dir}\n"
-                  f"config (resolved):      {d / 'config.yaml'}\n"
-                  f"metrics:                {d / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {d / 'tb'})\n"
-                  f"data report:            {d / 'data_report.json'}\n"
-                  f"checkpoints:            {d / 'checkpoints'}"
+                  f"config (resolved):      {d / CONFIG_FILE}\n"
+                  f"metrics:                {d / METRICS_FILE}  "
+                  f"(TensorBoard: tensorboard --logdir {d / TENSORBOARD_DIR})\n"
+                  f"data report:            {d / DATA_REPORT_FILE}\n"
+                  f"checkpoints:            {d / CHECKPOINT_DIR}"
                   + (f"\nreport:                 {report}" if report else ""))
     sys.stdout.flush()
     return 0
