@@ -42,7 +42,7 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     if mode == "on" and reason:
         raise UserError(f"train.fused_layers: on, but this set-up is not supported: {reason}. Use 'auto' or 'off'")
     if mode == "off" or (mode == "auto" and (not on_gpu or reason)):
-        why = "train.fused_layers: off" if mode == "off" else (reason or "no CUDA GPU (the fused path is for CUDA)")
+        why = "train.fused_layers: off" if mode == "off" else (reason or "no CUDA GPU: the fused path is for CUDA")
         for key, name in (("liger_kernels", "liger kernels"), ("offload_activations", "CPU-offloaded checkpoints")):
             if getattr(train_cfg, key) == "on":
                 raise UserError(f"train.{key}: on needs the fused path, which is off here because: {why}")
