@@ -5,7 +5,8 @@
 #                   model, each shipped 7B recipe's LoRA: ours with BENCH_RECIPE=<recipe> (its LoRA,
 #                   training keys and compute dtype, nothing else added), the peers with the same LoRA
 #                   through LORA_* (python -m loraforge.bench lora-env <recipe>)
-#   PHASE=workloads w3 (a Llama-3-shaped model, 128k vocabulary, GQA, sequences up to 4k: not in
+#   PHASE=workloads the fp16 GPU check; the human-response recipe again with a profile of 3 more steps
+#                   (BENCH_PROFILE); w3 (a Llama-3-shaped model, 128k vocabulary, GQA, sequences up to 4k: not in
 #                   ../shared/bench; scripts/bench_extra_workload.py) with the sql-mix recipe's LoRA,
 #                   then w1 and w2 with the workload's own settings, as in docs/benchmarks.md
 # Needs carried: .whl (../shared/device/wheels.sh pydantic==2.13.4 pydantic-core==2.46.4 annotated-types
@@ -64,16 +65,19 @@ if [ "$PHASE" = recipes ]; then
   done
 else
   (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1) &
+  (PYTHONPATH=$BASE timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py -k "fp16" \
+    2>&1 | grep -E "GPUCHECK|passed|failed|Error|error" > "$OUT/gpu_checks_fp16.txt") &
   lora=$(lora_of llama2-7b-sql-mix)
   (cd .bench && BENCH_MAX_LENGTH=4096 PYTHONPATH=$BASE python3 -c "
 import os, workload as W
 W.build_checkpoint('l3', '$D/model-l3'); W.write_workload('w3', 'l3', '$D/w3-l3.jsonl')") >>"$L" 2>&1
-  el "l3 checkpoint ready"
+  wait; el "l3 and 7b checkpoints ready"; cat "$OUT/gpu_checks_fp16.txt" >> "$L"
   export BENCH_MAX_LENGTH=4096
   run ours w3 l3 "w3-l3 (sql-mix LoRA)" 20 BENCH_RECIPE=llama2-7b-sql-mix $lora
   run unsloth w3 l3 "w3-l3 (sql-mix LoRA)" 20 $lora
   export BENCH_MAX_LENGTH=1024
-  wait; el "7b checkpoint ready"
+  run ours w1 7b "llama2-7b-human-response (again, + profile)" 30 BENCH_RECIPE=llama2-7b-human-response \
+    BENCH_PROFILE=$OUT/prof_human_response.txt $(lora_of llama2-7b-human-response)
   run ours w1 7b "w1 (workload LoRA)" 30
   run unsloth w1 7b "w1 (workload LoRA)" 30
   run ours w2 7b "w2 (workload LoRA)" 20

@@ -92,8 +92,6 @@ def test_cuda_fused_forward_matches_plain_path(tmp_path, dtype, lora, double_qua
     """Whole tiny model, NF4 base, under autocast as training runs on a GPU: the fused path (liger,
     varlen flash, stacked q/k/v, offloaded checkpoints, LoRA dropout) against the plain transformers +
     PEFT path, from the same generator state (so the same dropout masks)."""
-    from accelerate import Accelerator
-
     from loraforge.config import ModelSettings
     from loraforge.model.load import load_base_model
 
@@ -111,13 +109,12 @@ def test_cuda_fused_forward_matches_plain_path(tmp_path, dtype, lora, double_qua
     data = [{"input_ids": [i % 512 for i in r["input_ids"]],
              "labels": [(i % 512) if i != -100 else -100 for i in r["labels"]]} for r in data]
     n = trained_tokens(data)
-    acc = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "fp16")
-    model = acc.prepare(model)
 
-    def run(batch):
+    def run(batch):  # under autocast, as accelerate's mixed precision runs it (one Accelerator per process)
         torch.manual_seed(5)
         model.zero_grad()
-        loss = micro_batch_loss(model, {k: v.cuda() for k, v in batch.items()}, n)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = micro_batch_loss(model, {k: v.cuda() for k, v in batch.items()}, n)
         loss.backward()
         return loss.detach().float(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
 
