@@ -44,3 +44,24 @@ def test_bench_counts_the_tokens_of_the_measured_steps(tmp_path, tiny_model_dir,
     measured = index[warmup * batch:(warmup + steps) * batch]
     assert result["tokens"] == sum(min(len(rows[i]), 32) for i in measured)
     assert result["order"] == order and result["tokens_per_s"] > 0 and result["mean_loss"] > 0
+
+
+@pytest.mark.parametrize("recipe", ["llama2-7b-guanaco", "llama2-7b-human-response", "llama2-7b-sql-mix"])
+def test_bench_recipe_brings_the_recipe_s_lora_and_training_keys(recipe, tmp_path):
+    """BENCH_RECIPE: the recipe's LoRA, speed/memory training keys and compute dtype on the workload's
+    data, steps, learning rate and NF4 base; the peers get the same LoRA through LORA_* (lora-env)."""
+    from loraforge.bench import RECIPE_TRAIN_KEYS, env_lora_settings, lora_env, recipe_settings, workload_config
+    from loraforge.config import load_config
+
+    shipped = load_config(recipe)
+    cfg = workload_config(str(tmp_path / "w.jsonl"), str(tmp_path), 4, 1024, 35, str(tmp_path), recipe_settings(recipe))
+    assert cfg.lora == shipped.lora and cfg.model.compute_dtype == shipped.model.compute_dtype
+    assert all(getattr(cfg.train, k) == getattr(shipped.train, k) for k in RECIPE_TRAIN_KEYS)
+    assert (cfg.train.learning_rate, cfg.train.micro_batch_size, cfg.train.max_steps, cfg.train.shuffle) == (2e-4, 4, 35, False)
+    assert (cfg.model.quantization, cfg.model.double_quant, cfg.data.train_on) == ("nf4", True, "all")
+    env = dict(kv.split("=", 1) for kv in lora_env(recipe).split())
+    from_env = workload_config(str(tmp_path / "w.jsonl"), str(tmp_path), 4, 1024, 35, str(tmp_path), env_lora_settings(env))
+    assert (from_env.lora.r, from_env.lora.alpha, from_env.lora.dropout) == (shipped.lora.r, shipped.lora.alpha,
+                                                                           shipped.lora.dropout)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if shipped.lora.targets == "attention" else shipped.lora.targets
+    assert from_env.lora.targets == targets

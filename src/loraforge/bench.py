@@ -8,6 +8,10 @@ Extra settings for experiments: BENCH_SET="train.packing=false model.attention=e
 BENCH_ORDER=peers (default) trains the rows in the order the peers' trainers draw them (see
 `peers_order`), so that every optimizer step holds the same sequences as theirs; BENCH_ORDER=file
 keeps the file's order.
+BENCH_RECIPE=NAME trains with a shipped recipe's LoRA settings, training keys and compute dtype (see
+`recipe_settings`) on the benchmark data; otherwise LORA_R / LORA_ALPHA / LORA_DROPOUT / LORA_TARGETS,
+when set, replace the workload's LoRA as they do for the peers' runners. `python -m loraforge.bench
+lora-env NAME` prints a recipe's LoRA settings as those variables, for the peers.
 BENCH_PROFILE=FILE adds 3 steps after the measured ones under torch.profiler and writes the kernel
 time table and a breakdown by kind to FILE; they do not count in the RESULT.
 """
@@ -38,11 +42,53 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
                   "logging_steps": 5,
                   # speed/memory only (tests/train/test_fast_paths.py): fused layers + liger on CUDA (auto),
                   # half-layer checkpoints in pinned CPU memory; the whole step in one pass (no token cap)
-                  "fused_layers": "auto", "liger_kernels": "auto", "offload_activations": True,
+                  "fused_layers": "auto", "liger_kernels": "auto", "offload_activations": "on",
                   "max_tokens_per_micro_batch": None},
         "output_dir": run_dir, "samples": 0,
     }
     return RunConfig.model_validate(apply_overrides(raw, list(extra)))
+
+
+# What a recipe brings to the benchmark: its LoRA, the training keys that decide speed and memory, and
+# its compute dtype. The rest is the workload's, the same for every runner: the data, sequences per
+# step (BATCH, one micro-batch), the step count and order, lr 2e-4 with linear decay (so the losses
+# compare), and the base's quantization (NF4 + double quantization, as the peers load it).
+RECIPE_TRAIN_KEYS = ("optimizer", "max_grad_norm", "weight_decay", "gradient_checkpointing", "packing", "fused_layers",
+                     "liger_kernels", "offload_activations", "max_tokens_per_micro_batch")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def recipe_settings(name: str) -> list[str]:
+    """`--set` overrides that put shipped recipe `name`'s LoRA, training keys and compute dtype on the workload."""
+    from loraforge.config import load_config
+
+    cfg = load_config(name)
+    sets = [f"lora.{k}={json.dumps(v)}" for k, v in cfg.lora.model_dump(mode="json").items()]
+    sets += [f"train.{k}={json.dumps(getattr(cfg.train, k))}" for k in RECIPE_TRAIN_KEYS]
+    return sets + [f"model.compute_dtype={cfg.model.compute_dtype}"]
+
+
+def lora_env(name: str) -> str:
+    """A recipe's LoRA as the peers' LORA_* variables (shell assignments)."""
+    from loraforge.config import load_config
+
+    lora = load_config(name).lora
+    targets = {"all-linear": "all-linear", "attention": ",".join(ALL_PROJECTIONS[:4])}.get(lora.targets) \
+        if isinstance(lora.targets, str) else ",".join(lora.targets)
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    return f"LORA_R={lora.r} LORA_ALPHA={alpha} LORA_DROPOUT={lora.dropout} LORA_TARGETS={targets}"
+
+
+def env_lora_settings(env) -> list[str]:
+    """LORA_* from the environment (as the peers' runners read them) as `--set` overrides."""
+    out = []
+    for key, cast in (("r", int), ("alpha", float), ("dropout", float)):
+        if env.get(f"LORA_{key.upper()}"):
+            out.append(f"lora.{key}={cast(env[f'LORA_{key.upper()}'])}")
+    if env.get("LORA_TARGETS"):
+        t = env["LORA_TARGETS"]
+        out.append(f"lora.targets={t if t == 'all-linear' else json.dumps(t.split(','))}")
+    return out
 
 
 def peers_order(n: int, seed: int = 0) -> list[int]:
@@ -63,18 +109,34 @@ def reorder_rows(data_file: str, out_dir: str) -> str:
     return path
 
 
+def fast_paths(run_dir: str):
+    """What the run's fused path switched on and off (summary.json), or None if it is not there."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f).get("fast_paths")
+    except OSError:
+        return None
+
+
 def main() -> None:
+    import sys
+
     from loraforge.train.loop import run_training
+
+    if sys.argv[1:2] == ["lora-env"] and len(sys.argv) == 3:
+        print(lora_env(sys.argv[2]))
+        return
 
     env = os.environ
     warmup, steps = int(env.get("WARMUP", 5)), int(env.get("STEPS", 30))
     run_dir = tempfile.mkdtemp(prefix="loraforge-bench-")
     profile_to = env.get("BENCH_PROFILE")
     profile_steps = 3 if profile_to else 0
-    extra = env.get("BENCH_SET", "").split()
+    recipe = env.get("BENCH_RECIPE")
+    extra = (recipe_settings(recipe) if recipe else env_lora_settings(env)) + env.get("BENCH_SET", "").split()
     cuda = torch.cuda.is_available()
     if not cuda:
-        extra = ["train.offload_activations=false"] + extra
+        extra = ["train.offload_activations=off"] + extra
     order = env.get("BENCH_ORDER", "peers")
     if order not in ("peers", "file"):
         raise SystemExit(f"BENCH_ORDER must be 'peers' or 'file', not {order!r}")
@@ -113,8 +175,9 @@ def main() -> None:
         "peak_gib": meter.get("peak_gib"),
         "mean_loss": round(sum(meter["losses"]) / len(meter["losses"]), 4),
         "gpu": torch.cuda.get_device_name() if cuda else "cpu", "settings": env.get("BENCH_SET", ""), "order": order,
-        "train": {k: getattr(cfg.train, k) for k in ("packing", "fused_layers", "liger_kernels", "offload_activations",
-                                                     "max_tokens_per_micro_batch", "optimizer", "gradient_checkpointing")},
+        "recipe": recipe, "lora": cfg.lora.model_dump(mode="json"), "compute_dtype": cfg.model.compute_dtype,
+        "train": {k: getattr(cfg.train, k) for k in RECIPE_TRAIN_KEYS},
+        "fast_paths": fast_paths(run_dir),
     }
     print("RESULT " + json.dumps(result), flush=True)
 

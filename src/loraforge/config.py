@@ -108,17 +108,19 @@ class TrainSettings(Section):
     gradient_checkpointing: bool = True
     group_by_length: bool = False
     shuffle: bool = Field(True, description="Shuffle rows each epoch; off keeps file order (the benchmark's rule).")
-    packing: bool = Field(False, description="Concatenate each micro-batch's rows into one padding-free stream.")
+    packing: bool = Field(True, description="Concatenate each micro-batch's rows into one padding-free stream "
+                          "(positions restart per sequence, no attention across sequences; the same loss).")
     # Speed and memory only: what is learned stays the same (tests/train/test_fast_paths.py).
     fused_layers: Literal["auto", "on", "off"] = Field(
-        "auto", description="Fused Llama training forward (model/kernels.py); auto: on for supported models on CUDA.")
+        "auto", description="Fused Llama training forward (model/fused/); auto: on for supported models on CUDA.")
     liger_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="liger-kernel's Triton RMSNorm/RoPE/SiLU-mul in the fused forward; auto: where installed, on CUDA.")
-    offload_activations: bool = Field(False, description="Keep layer checkpoints in pinned CPU memory (CUDA, fused).")
+    offload_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="Keep layer checkpoints in pinned CPU memory; auto: on with the fused path and checkpointing.")
     max_tokens_per_micro_batch: Optional[int] = Field(
         None, gt=0, description="Split a micro-batch's rows further so each part holds at most this many tokens.")
 
-    @field_validator("fused_layers", "liger_kernels", mode="before")
+    @field_validator("fused_layers", "liger_kernels", "offload_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare on/off as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
@@ -143,8 +145,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.train.early_stopping_patience and not self.train.eval_steps:
-            raise ValueError("train.early_stopping_patience needs train.eval_steps")
+        problems = cross_check(self)
+        if problems:
+            raise ValueError(CROSS_CHECK_MARK + "\n".join(problems))
         return self
 
     def saved_dict(self) -> dict:
@@ -154,13 +157,48 @@ class RunConfig(Section):
         return d
 
 
+CROSS_CHECK_MARK = "cross-checks:\n"
+
+
+def cross_check(cfg: "RunConfig") -> list[str]:
+    """Contradictions between keys, each as 'key.path: problem'; all of them, before anything loads.
+
+    Only what follows from the config alone: whether the machine has CUDA or the model suits the
+    fused path is checked when the model is there (model/fused/install.py).
+    """
+    t, problems = cfg.train, []
+    if t.early_stopping_patience and not t.eval_steps:
+        problems.append("train.early_stopping_patience: needs train.eval_steps")
+    if t.fused_layers == "off":
+        for key in ("liger_kernels", "offload_activations"):
+            if getattr(t, key) == "on":
+                problems.append(f"train.{key}: on needs the fused path, but train.fused_layers is off")
+    if t.offload_activations == "on" and not t.gradient_checkpointing:
+        problems.append("train.offload_activations: on offloads the layer checkpoints, so it needs "
+                        "train.gradient_checkpointing: true")
+    if t.fused_layers == "on":
+        if cfg.model.quantization == "int8":
+            problems.append("train.fused_layers: on does not run bitsandbytes 8-bit layers "
+                            "(model.quantization: int8); use nf4/fp4/none, or fused_layers: auto/off")
+        if cfg.lora.use_dora:
+            problems.append("train.fused_layers: on does not run DoRA (lora.use_dora); use auto or off")
+        if cfg.lora.bias != "none":
+            problems.append("train.fused_layers: on trains no biases (lora.bias); use bias: none, or auto/off")
+    return problems
+
+
 # --- loading -------------------------------------------------------------------------------
 
 def format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    count = sum(len(e["msg"].split(CROSS_CHECK_MARK, 1)[1].splitlines()) if CROSS_CHECK_MARK in e["msg"] else 1
+                for e in err.errors())
+    lines = [f"{source}: {count} problem(s) in the config:"]
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
+        if CROSS_CHECK_MARK in msg:  # the cross-checks: one line each, with their own key paths
+            lines += [f"  - {p}" for p in msg.split(CROSS_CHECK_MARK, 1)[1].splitlines()]
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + _suggest(e["loc"])
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)) \

@@ -60,7 +60,7 @@ def test_override_needs_key_value():
 
 
 def test_early_stopping_needs_eval_steps(tmp_path):
-    with pytest.raises(UserError, match="early_stopping_patience needs train.eval_steps"):
+    with pytest.raises(UserError, match="early_stopping_patience: needs train.eval_steps"):
         load_config(write(tmp_path, {"train": {"early_stopping_patience": 2}}))
 
 
@@ -110,3 +110,24 @@ def test_saved_config_never_holds_the_hub_token():
     cfg = load_config("demo", ["model.hub_token=hf_secret123"])
     assert cfg.model.hub_token == "hf_secret123"
     assert "hf_secret123" not in yaml.safe_dump(cfg.saved_dict())
+
+
+def test_fast_path_contradictions_fail_at_load_time_all_at_once(monkeypatch):
+    """Config-only cross-checks fail while the config loads - before any tokenizer or weights - and
+    all of them together, each with its key path."""
+    import loraforge.model.load as load
+
+    monkeypatch.setattr(load, "load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UserError) as err:
+        load_config("tiny", ["train.fused_layers=off", "train.liger_kernels=on", "train.offload_activations=on",
+                             "train.gradient_checkpointing=false", "train.early_stopping_patience=2",
+                             "train.eval_steps=null"])
+    text = str(err.value)
+    assert "4 problem(s)" in text
+    for line in ("train.liger_kernels: on needs the fused path, but train.fused_layers is off",
+                 "train.offload_activations: on needs the fused path, but train.fused_layers is off",
+                 "train.offload_activations: on offloads the layer checkpoints, so it needs",
+                 "train.early_stopping_patience: needs train.eval_steps"):
+        assert f"  - {line}" in text
+    with pytest.raises(UserError, match="train.fused_layers: on does not run DoRA"):
+        load_config("tiny", ["train.fused_layers=on", "lora.use_dora=true"])

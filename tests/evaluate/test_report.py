@@ -111,6 +111,8 @@ def test_report_is_self_contained_and_shows_the_numbers(report_run):
     env = dict(t.tables["environment"])
     import torch
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and "bitsandbytes" in env
+    assert env["fast path off: fused layers"] == "no CUDA GPU: the fused path is for CUDA"  # said, not silent
+    assert summary["fast_paths"] == {"on": [], "off": {"fused layers": "no CUDA GPU: the fused path is for CUDA"}}
     assert "max_steps: 24" in page  # the resolved config
 
 

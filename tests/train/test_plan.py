@@ -47,3 +47,14 @@ def test_schedules_warm_up_then_follow_their_shape(kind, expected_end):
     assert lr_factor(0, total, warm, kind) == pytest.approx(0.5)
     assert lr_factor(1, total, warm, kind) == pytest.approx(1.0)
     assert lr_factor(9, total, warm, kind) == pytest.approx(expected_end, abs=1e-3)
+
+
+def test_split_by_tokens_keeps_order_and_cap():
+    from loraforge.train.plan import split_by_tokens
+
+    rows = [{"input_ids": [0] * n} for n in (300, 500, 100, 900, 50, 2000, 10)]
+    parts = split_by_tokens(rows, 1024)
+    assert [r for p in parts for r in p] == rows
+    for p in parts:
+        assert len(p) == 1 or sum(len(r["input_ids"]) for r in p) <= 1024
+    assert split_by_tokens(rows[:2], 1024) == [rows[:2]]

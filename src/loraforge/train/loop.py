@@ -23,7 +23,7 @@ from loraforge.config import RunConfig, save_config
 from loraforge.environment import environment_info
 from loraforge.errors import UserError
 from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, resolve_dtype, select_device
-from loraforge.model.kernels import apply_fast_paths
+from loraforge.model.fused import apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, TEMPLATE_FILE, checkpoint_name,
                               read_metrics)
@@ -93,7 +93,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     model = load_base_model(cfg.model, dtype, device, base)
     model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    apply_fast_paths(model, cfg.train, device, say)  # train.fused_layers / liger_kernels / offload_activations
+    fast_paths = apply_fast_paths(model, cfg.train, device, say)  # what is on, and why anything is off
     trainable, total = count_parameters(model)
     say(f"model: {base} ({cfg.model.quantization}, compute {str(dtype).removeprefix('torch.')}, {device}); "
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -249,6 +249,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         if state["best_step"] else None)
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
+                   fast_paths=fast_paths.as_dict(),
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return result

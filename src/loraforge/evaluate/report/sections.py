@@ -193,6 +193,7 @@ def environment_section(summary: Optional[dict]) -> str:
     s = summary or {}
     rows = [["device", s.get("device") or env.get("device") or "–"],
             ["compute dtype", s.get("compute_dtype") or "–"],
+            *fast_path_rows(s.get("fast_paths")),
             ["CPU", f"{env.get('cpu')} ({env.get('cpu_count')} cores)"],
             ["GPUs", ", ".join(env.get("gpus") or []) or "none"],
             ["CUDA", env.get("cuda") or "–"],
@@ -204,6 +205,14 @@ def environment_section(summary: Optional[dict]) -> str:
     rows += [[name, version or "not installed"] for name, version in (env.get("versions") or {}).items()]
     return (f'<h2 id="environment">Hardware and libraries</h2><p class="sub">{escape(note)}.</p>'
             + table(rows, None, "environment", numeric=False))
+
+
+def fast_path_rows(fast: Optional[dict]) -> list[list[str]]:
+    """What train.fused_layers / liger_kernels / offload_activations became, and why any is off."""
+    if not fast:
+        return []
+    return ([["fast paths on", ", ".join(fast.get("on") or []) or "none"]]
+            + [[f"fast path off: {name}", why] for name, why in (fast.get("off") or {}).items()])
 
 
 def config_section(run: Run) -> str:

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# One call of the GPU host (issue 12): loraforge against Unsloth (and the plain HF stack where asked)
+# on the same sequences, the same steps and the same LoRA settings, every row in this one call.
+#   PHASE=recipes   GPU kernel checks (tests/model/fused/test_fused_cuda.py), then, on w1 and the 7B
+#                   model, each shipped 7B recipe's LoRA: ours with BENCH_RECIPE=<recipe> (its LoRA,
+#                   training keys and compute dtype, nothing else added), the peers with the same LoRA
+#                   through LORA_* (python -m loraforge.bench lora-env <recipe>)
+#   PHASE=workloads the fp16 GPU check; the human-response recipe again with a profile of 3 more steps
+#                   (BENCH_PROFILE); w3 (a Llama-3-shaped model, 128k vocabulary, GQA, sequences up to 4k: not in
+#                   ../shared/bench; scripts/bench_extra_workload.py) with the sql-mix recipe's LoRA,
+#                   then w1 and w2 with the workload's own settings, as in docs/benchmarks.md
+# Needs carried: .whl (../shared/device/wheels.sh pydantic==2.13.4 pydantic-core==2.46.4 annotated-types
+# typing-inspection), .whl_peers (../shared/bench/peer_wheels.sh), .bench (a copy of ../shared/bench).
+# Usage on the host (project root): PHASE=recipes bash scripts/gpu_bench.sh
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false UNSLOTH_DISABLE_STATISTICS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+L=$OUT/${PHASE}.log; R=$OUT/${PHASE}.jsonl; : > "$R"
+T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L"; }
+D=/tmp/bench; mkdir -p $D
+pipq="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+[ -d /tmp/site/bitsandbytes ] || $pipq --target /tmp/site .whl/*.whl >>"$L" 2>&1
+[ -d /tmp/peers/unsloth ] || $pipq --target /tmp/peers .whl_peers/*.whl >>"$L" 2>&1
+grep -q 'ARCH\["l3"\]' .bench/workload.py || cat scripts/bench_extra_workload.py >> .bench/workload.py
+BASE=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$L" 2>&1
+el "start $PHASE"
+
+# run RUNNER WORKLOAD ARCH LABEL STEPS [VAR=VALUE ...]: one runner, its RESULT line into $R
+run() {
+  local runner=$1 w=$2 arch=$3 label=$4 steps=$5; shift 5
+  local batch; batch=$(cd .bench && python3 -c "import workload as W; print(W.WORKLOADS['$w'][-1])")
+  local data=$D/$w.jsonl; [ "$arch" = 7b ] || data=$D/$w-$arch.jsonl
+  local cmd pp=$BASE
+  case $runner in
+    ours)    cmd=(python3 -m loraforge.bench) ;;
+    hf)      cmd=(python3 .bench/hf_baseline.py --workload "$w" --arch "$arch" --dir $D --steps "$steps" --warmup 5) ;;
+    unsloth) cmd=(python3 .bench/unsloth_baseline.py --workload "$w" --arch "$arch" --dir $D --steps "$steps" --warmup 5)
+             pp=/tmp/peers:$BASE ;;
+  esac
+  env "$@" WORKLOAD=$w MODEL_DIR=$D/model-$arch DATA_FILE=$data BATCH=$batch MAX_LENGTH=${BENCH_MAX_LENGTH:-1024} \
+    STEPS=$steps WARMUP=5 PYTHONPATH=$pp timeout 200 "${cmd[@]}" > /tmp/run.log 2>&1
+  local line; line=$(grep '^RESULT ' /tmp/run.log | tail -1)
+  grep -E "fast paths|Unsloth:|Error|error" /tmp/run.log | grep -v "^RESULT" | head -8 >> "$L"
+  if [ -n "$line" ]; then
+    echo "${line#RESULT }" | python3 -c "import json,sys; d=json.load(sys.stdin); d.update(runner='$runner', row='$label'); print(json.dumps(d))" >> "$R"
+    el "$label $runner: $(echo "${line#RESULT }" | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['tokens_per_s'], 'tok/s', d['peak_gib'], 'GiB loss', d['mean_loss'], 'tokens', d['tokens'])")"
+  else
+    el "$label $runner: no RESULT line"; tail -25 /tmp/run.log >> "$L"
+  fi
+}
+
+lora_of() { PYTHONPATH=$BASE python3 -m loraforge.bench lora-env "$1"; }
+
+if [ "$PHASE" = recipes ]; then
+  (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1; echo built > $D/built) &
+  PYTHONPATH=$BASE timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py 2>&1 \
+    | grep -E "GPUCHECK|passed|failed|Error|error" > "$OUT/gpu_checks.txt"
+  el "gpu checks done"; cat "$OUT/gpu_checks.txt" >> "$L"
+  wait; el "7b checkpoint ready"
+  for recipe in llama2-7b-guanaco llama2-7b-human-response llama2-7b-sql-mix; do
+    lora=$(lora_of $recipe); el "$recipe: $lora"
+    run ours w1 7b "$recipe" 30 BENCH_RECIPE=$recipe $lora
+    run unsloth w1 7b "$recipe" 30 $lora
+  done
+else
+  (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1) &
+  (PYTHONPATH=$BASE timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py -k "fp16" \
+    2>&1 | grep -E "GPUCHECK|passed|failed|Error|error" > "$OUT/gpu_checks_fp16.txt") &
+  lora=$(lora_of llama2-7b-sql-mix)
+  (cd .bench && BENCH_MAX_LENGTH=4096 PYTHONPATH=$BASE python3 -c "
+import os, workload as W
+W.build_checkpoint('l3', '$D/model-l3'); W.write_workload('w3', 'l3', '$D/w3-l3.jsonl')") >>"$L" 2>&1
+  wait; el "l3 and 7b checkpoints ready"; cat "$OUT/gpu_checks_fp16.txt" >> "$L"
+  export BENCH_MAX_LENGTH=4096
+  run ours w3 l3 "w3-l3 (sql-mix LoRA)" 20 BENCH_RECIPE=llama2-7b-sql-mix $lora
+  run unsloth w3 l3 "w3-l3 (sql-mix LoRA)" 20 $lora
+  export BENCH_MAX_LENGTH=1024
+  run ours w1 7b "llama2-7b-human-response (again, + profile)" 30 BENCH_RECIPE=llama2-7b-human-response \
+    BENCH_PROFILE=$OUT/prof_human_response.txt $(lora_of llama2-7b-human-response)
+  run ours w1 7b "w1 (workload LoRA)" 30
+  run unsloth w1 7b "w1 (workload LoRA)" 30
+  run ours w2 7b "w2 (workload LoRA)" 20
+  run unsloth w2 7b "w2 (workload LoRA)" 20
+fi
+
+python3 - "$R" <<'PY' | tee "$OUT/${PHASE}_table.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| row | runner | tokens/s | peak GiB | x Unsloth | mean loss | loss - Unsloth's | tokens |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for label in dict.fromkeys(r["row"] for r in rows):
+    sel = [r for r in rows if r["row"] == label]
+    uns = next((r for r in sel if r["runner"] == "unsloth"), None)
+    for r in sel:
+        x = r["tokens_per_s"] / uns["tokens_per_s"] if uns else float("nan")
+        dl = r["mean_loss"] - uns["mean_loss"] if uns else float("nan")
+        print(f"| {label} | {r['runner']} | {r['tokens_per_s']:.0f} | {r.get('peak_gib') or 0:.2f} | {x:.2f} | "
+              f"{r['mean_loss']:.4f} | {dl:+.4f} | {r['tokens']} |")
+PY
+el "done"

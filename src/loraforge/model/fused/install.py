@@ -1,0 +1,102 @@
+"""Switching the fused path on: what `train.fused_layers / liger_kernels / offload_activations` become here.
+
+Config-only contradictions (offload without checkpointing, liger on with fused off, ...) are
+rejected by `loraforge.config` before anything loads; what is left here depends on the machine
+(CUDA, liger-kernel installed) or on the loaded model (`support.why_unsupported`). Every `auto`
+that ends up off says so in one line, and the result (`FastPathReport`) goes into the run's summary.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from loraforge.errors import UserError
+from loraforge.model.fused import support
+from loraforge.model.fused.forward import FastSettings, fused_forward
+from loraforge.model.fused.projection import projection
+from loraforge.model.fused.weights import group_quantized_projections
+
+
+@dataclass
+class FastPathReport:
+    on: list[str] = field(default_factory=list)
+    off: dict[str, str] = field(default_factory=dict)  # fast path -> why it is off
+
+    def as_dict(self) -> dict:
+        return {"on": list(self.on), "off": dict(self.off)}
+
+
+def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> FastPathReport:
+    """Install the fused training forward as `train_cfg` asks; returns what is on and what is off (and why).
+
+    `train.fused_layers`: auto (on for supported models on CUDA) | on | off.
+    `train.liger_kernels`: auto (on where liger-kernel imports, on CUDA) | on | off.
+    `train.offload_activations`: auto (on with the fused path and checkpointing, on CUDA) | on | off.
+    """
+    report = FastPathReport()
+    on_gpu = device.startswith("cuda")
+    mode = train_cfg.fused_layers
+    reason = support.why_unsupported(model) if mode != "off" else None
+    if mode == "on" and reason:
+        raise UserError(f"train.fused_layers: on, but this set-up is not supported: {reason}. Use 'auto' or 'off'")
+    if mode == "off" or (mode == "auto" and (not on_gpu or reason)):
+        why = "train.fused_layers: off" if mode == "off" else (reason or "no CUDA GPU: the fused path is for CUDA")
+        for key, name in (("liger_kernels", "liger kernels"), ("offload_activations", "CPU-offloaded checkpoints")):
+            if getattr(train_cfg, key) == "on":
+                raise UserError(f"train.{key}: on needs the fused path, which is off here because: {why}")
+        report.off["fused layers"] = why
+        if mode == "auto":
+            say(f"fast paths off: fused layers ({why}); training runs the plain transformers + PEFT forward")
+        _record(model, report)
+        return report
+
+    liger = train_cfg.liger_kernels
+    if liger == "on":
+        if not on_gpu:
+            raise UserError("train.liger_kernels: on needs a CUDA GPU (liger-kernel is Triton); use 'auto' or 'off'")
+        if support.liger_ops() is None:
+            raise UserError("train.liger_kernels: on, but liger-kernel is not installed (pip install liger-kernel)")
+    use_liger = on_gpu and liger != "off" and support.liger_ops() is not None
+    if not use_liger:
+        report.off["liger kernels"] = ("train.liger_kernels: off" if liger == "off" else
+                                       "no CUDA GPU" if not on_gpu else "liger-kernel is not installed")
+
+    offload = train_cfg.offload_activations
+    if offload == "on" and not on_gpu:
+        raise UserError("train.offload_activations: on needs a CUDA GPU; use 'auto' or 'off'")
+    use_offload = on_gpu and train_cfg.gradient_checkpointing and offload != "off"
+    if not use_offload:
+        report.off["CPU-offloaded checkpoints"] = (
+            "train.offload_activations: off" if offload == "off" else "no CUDA GPU" if not on_gpu
+            else "train.gradient_checkpointing is false")
+
+    lm = support.peft_inner(model)
+    grouped = group_quantized_projections(lm)
+    dropout = any(projection(m).dropout > 0 for layer in lm.model.layers for m in support.projections(layer))
+    lm._loraforge_fast = FastSettings(liger=use_liger, checkpoint=train_cfg.gradient_checkpointing,
+                                      offload=use_offload, dropout=dropout)
+    if not hasattr(lm, "_loraforge_original_forward"):
+        lm._loraforge_original_forward = lm.forward
+    lm.forward = types.MethodType(fused_forward, lm)
+    report.on += ["fused layers", "varlen attention" if on_gpu else "packed attention", "chunked CE"]
+    if dropout:
+        report.on.append("LoRA dropout in the fused nodes")
+    if grouped:
+        report.on.append(f"q/k/v NF4 weights stacked ({grouped} layers)")
+    if use_liger:
+        report.on.append("liger RMSNorm/RoPE/SiLU-mul")
+    if use_offload:
+        report.on.append("CPU-offloaded checkpoints")
+    say("fast paths: " + ", ".join(report.on))
+    asked_off = {"liger kernels": liger == "off", "CPU-offloaded checkpoints": offload == "off"}
+    auto_off = {k: v for k, v in report.off.items() if not asked_off[k]}
+    if auto_off:
+        say("fast paths off: " + "; ".join(f"{k} ({v})" for k, v in auto_off.items()))
+    _record(model, report)
+    return report
+
+
+def _record(model: nn.Module, report: FastPathReport) -> None:
+    support.peft_inner(model)._loraforge_fast_report = report
