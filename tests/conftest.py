@@ -63,9 +63,9 @@ def smollm2_short_run(tmp_path_factory, smollm2_dir) -> Path:
     """The default recipe (`loraforge train` with no recipe) on the real model, cut short: NF4 training through
     the CLI, then the base-vs-tuned evaluation it ends with, on a few held-out rows. Sized for CI's 2-core CPU."""
     run_dir = tmp_path_factory.mktemp("runs") / "smollm2"
-    result = run_cli("train", "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.micro_batch_size=4",
-                     "--set", "train.learning_rate=2e-3", "--set", "eval.rows=2", "--set", "eval.max_new_tokens=24",
-                     "--set", "samples=2", "--set", "train.logging_steps=1", "--output-dir", str(run_dir))
+    result = run_cli("train", "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.micro_batch_size=2",
+                     "--set", "eval.rows=2", "--set", "eval.max_new_tokens=16", "--set", "samples=2",
+                     "--set", "train.logging_steps=1", "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(result.stdout)
     return run_dir
