@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 SHORT_RUN_STEPS = 24  # the shared short run of tests/conftest.py
+SMOLLM2_RUN_STEPS = 4  # the shared short run of the real default model (tests/conftest.py)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

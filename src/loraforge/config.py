@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loraforge.errors import UserError
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+PACKAGE_DIR = Path(__file__).parent
+RECIPES_DIR = PACKAGE_DIR / "recipes"
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -32,7 +33,8 @@ class Section(BaseModel):
 
 
 class ModelSettings(Section):
-    base: Optional[str] = Field(None, description="Local directory or Hub id; leave out for the built-in tiny model.")
+    base: Optional[str] = Field(None, description="Local directory or Hub id; 'smollm2-135m-instruct' (the default "
+                                "when left out) or 'tiny' (random weights) for the built-in models.")
     revision: Optional[str] = None
     quantization: Quantization = "nf4"
     double_quant: bool = True
@@ -134,14 +136,25 @@ class TrainSettings(Section):
     tensorboard: bool = True
 
 
+class EvalSettings(Section):
+    """The base-vs-tuned evaluation `loraforge train` runs on the held-out rows when it ends."""
+
+    metrics: list[str] = Field(default_factory=list, description="Task metrics (as `loraforge eval --metric`); "
+                               "empty: loss only. Also `loraforge eval`'s default for this run.")
+    max_new_tokens: int = Field(128, gt=0)
+    rows: Optional[int] = Field(None, gt=0, description="Evaluate at most this many held-out rows.")
+
+
 class RunConfig(Section):
     description: str = ""
     model: ModelSettings = Field(default_factory=ModelSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     output_dir: Optional[str] = Field(None, description="Run directory; default runs/<name>-<timestamp>.")
-    samples: int = Field(3, ge=0, description="Before/after sample answers shown at the end of training.")
+    samples: int = Field(3, ge=0, description="Before/after answers shown at the end of training; with 0 (and no "
+                         "eval.metrics) training ends without the base-vs-tuned evaluation.")
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -284,9 +297,12 @@ def load_config(recipe: Optional[str] = None, overrides: list[str] = (), *, base
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise UserError(format_errors(e, str(path))) from None
-    cfg_dir = path.parent if not str(path).startswith(str(RECIPES_DIR)) else Path.cwd()
+    shipped = str(path).startswith(str(RECIPES_DIR))
+    cfg_dir = path.parent if not shipped else Path.cwd()
     for src in cfg.data.datasets or []:
         local = cfg_dir / src.path
+        if shipped and not local.exists() and (PACKAGE_DIR / src.path).exists():
+            local = PACKAGE_DIR / src.path  # data shipped with loraforge, e.g. assets/sql_demo.jsonl
         if not Path(src.path).is_absolute() and ("*" in src.path or local.exists()):
             src.path = str(local)
     return cfg

@@ -13,10 +13,17 @@ def write(tmp_path: Path, data: dict) -> str:
     return str(path)
 
 
-def test_defaults_give_the_embedded_model_and_bundled_data():
+def test_defaults_give_the_real_model_on_the_bundled_sql_task():
     cfg = load_config(None)
-    assert cfg.model.base is None and cfg.data.datasets is None
-    assert cfg.model.quantization == "nf4"
+    assert cfg.model.base == "smollm2-135m-instruct" and cfg.data.datasets[0].path.endswith("assets/sql_demo.jsonl")
+    assert cfg.model.quantization == "nf4" and cfg.eval.metrics == ["loraforge.evaluate.sql:execution_match"]
+    tiny = load_config("tiny")
+    assert tiny.model.base == "tiny" and tiny.data.datasets is None and tiny.eval.metrics == []
+
+
+def test_shipped_recipes_find_their_bundled_data_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert Path(load_config("demo").data.datasets[0].path).is_file()
 
 
 def test_every_error_is_reported_at_once_with_its_key_path(tmp_path):

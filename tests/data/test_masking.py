@@ -127,3 +127,33 @@ def test_guanaco_text_with_a_llama3_tokenizer_is_re_rendered(bl_tok):
     msgs = t.parse("<s>[INST] Hi there [/INST] Hello! </s>")
     assert msgs == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
     assert t.text(msgs) == "<|begin_of_text|>[INST] Hi there [/INST] Hello! <|end_of_text|>"
+
+
+SQL_TURNS = [
+    {"role": "system", "content": "Reply with one SQLite query."},
+    {"role": "user", "content": "CREATE TABLE t (name TEXT, n INTEGER);\nQuestion: Which names have n above 3?"},
+    {"role": "assistant", "content": "SELECT name FROM t WHERE n > 3;"},
+    {"role": "user", "content": "And the count?"},
+    {"role": "assistant", "content": "SELECT COUNT(*) FROM t;"},
+]
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "chatml"])
+@pytest.mark.parametrize("conv", [CONV, SQL_TURNS], ids=["chat", "sql"])
+def test_masks_are_exact_with_the_real_models_bpe_vocabulary(name, conv, smollm2_tokenizer):
+    """SmolLM2's byte-level BPE (49,152 tokens) with its own ChatML template and with ours: exactly each reply
+    and its `<|im_end|>` are trained, at every boundary, and each inference prompt is the training prefix."""
+    tokenizer = smollm2_tokenizer
+    t = get_template(name, tokenizer)
+    (enc,) = encode_batch([t.render(conv)], tokenizer, train_all=False)
+    ids, texts = token_texts(tokenizer, t.text(conv))
+    assert enc.input_ids == ids and "".join(texts) == t.text(conv) and enc.straddles == 0
+    runs = spans(enc.labels)
+    replies = [m["content"] for m in conv if m["role"] == "assistant"]
+    assert ["".join(texts[a:b]) for a, b in runs] == [r + "<|im_end|>" for r in replies]
+    for (a, b), k in zip(runs, (3 if conv[0]["role"] == "system" else 2, 5)):
+        assert enc.labels[a:b] == ids[a:b] and ids[b - 1] == tokenizer.eos_token_id
+        assert texts[a - 1] == "\n" and enc.labels[a - 1] == IGNORE  # "<|im_start|>assistant\n" is prompt
+        prompt = t.prompt(conv[:k - 1])
+        assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == ids[:a]
+    assert t.text(conv).count("<|im_start|>") == len(conv)  # no extra BOS: SmolLM2's BOS is <|im_start|>

@@ -1,10 +1,15 @@
-"""Which rows eval uses, and how prompts and references are recovered from prepared rows."""
+"""Which rows eval uses, how prompts and references are recovered from prepared rows, and the one sampler of
+before/after answers."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from loraforge.data.templates import get_template
 from loraforge.errors import UserError
-from loraforge.evaluate.compare import DEFAULT_TRAIN_ROWS, find_adapter, prompt_and_reference, select_rows
+from loraforge.evaluate.compare import (DEFAULT_TRAIN_ROWS, find_adapter, generate_both, prompt_and_reference,
+                                        select_rows)
 
 
 def _rows(n, tag):
@@ -104,3 +109,58 @@ def test_find_adapter_prefers_the_final_adapter_then_the_newest_checkpoint(tmp_p
     assert find_adapter(tmp_path, str(step))[0] == step / "adapter"  # a checkpoint folder works too
     with pytest.raises(UserError, match="--adapter .*no adapter_config.json"):
         find_adapter(tmp_path, str(tmp_path / "nowhere"))
+
+
+# --- the one before/after sampler (train's end-of-run table and eval) ------------------------
+
+class ScriptedModel(torch.nn.Module):
+    """Generates a fixed continuation token by token (through the streamer and the stopping criteria, like
+    `generate`), with the adapter on or off: what a weakly trained model does when it writes the next turn
+    instead of ending its own."""
+
+    def __init__(self, tokenizer, tuned: str, base: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.ids = {True: tokenizer(tuned, add_special_tokens=False).input_ids,
+                    False: tokenizer(base, add_special_tokens=False).input_ids}
+        self.adapter_on = True
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        self.adapter_on = False
+        try:
+            yield
+        finally:
+            self.adapter_on = True
+
+    def generate(self, input_ids, streamer, stopping_criteria, eos_token_id, max_new_tokens, **_):
+        streamer.put(input_ids)
+        out = input_ids
+        for token in self.ids[self.adapter_on][:max_new_tokens]:
+            out = torch.cat([out, torch.tensor([[token]])], dim=1)
+            streamer.put(torch.tensor([token]))
+            if token in eos_token_id or stopping_criteria(out, None).all():
+                break
+        streamer.end()
+        return out
+
+
+@pytest.mark.parametrize("template_name", ["llama2", "chatml"])
+def test_before_after_answers_never_contain_a_turn_marker(template_name, tiny_tokenizer):
+    template = get_template(template_name, tiny_tokenizer)
+    next_turn = template.prompt([{"role": "user", "content": "And France?"}])  # markers without an end string
+    model = ScriptedModel(tiny_tokenizer, tuned="SELECT 1;\n" + next_turn + " SELECT 2;",
+                          base="Paris " + template.turn_markers[-1] + " more")
+    examples = [{"prompt": template.prompt([{"role": "user", "content": "Capital of Italy?"}])}]
+    [(base, tuned)] = generate_both(model, tiny_tokenizer, examples, template, max_new_tokens=64)
+    assert (base, tuned) == ("Paris", "SELECT 1;")
+    for answer in (base, tuned):
+        assert not any(marker in answer for marker in template.turn_markers)
+
+
+def test_the_models_own_chat_template_stops_at_its_turn_tokens(smollm2_tokenizer):
+    template = get_template("tokenizer", smollm2_tokenizer)
+    assert set(template.turn_markers) >= {"<|im_start|>", "<|im_end|>"}
+    model = ScriptedModel(smollm2_tokenizer, tuned="SELECT 1;<|im_start|>user\nmore", base="Paris<|im_end|>\nmore")
+    examples = [{"prompt": template.prompt([{"role": "user", "content": "Capital of Italy?"}])}]
+    assert generate_both(model, smollm2_tokenizer, examples, template, max_new_tokens=64) == [("Paris", "SELECT 1;")]

@@ -156,8 +156,8 @@ def test_home_and_names(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAFORGE_HOME", str(tmp_path / "lf"))
     assert tiny.loraforge_home() == tmp_path / "lf"
     assert tiny.TINY_MODEL_NAME == "tiny-llama-v2"
-    assert all(tiny.is_tiny(b) for b in (None, "tiny", "loraforge/tiny-llama-v2"))
-    assert not any(tiny.is_tiny(b) for b in ("meta-llama/Llama-2-7b-chat-hf", "./tiny", ""))
+    assert all(tiny.is_tiny(b) for b in ("tiny", "loraforge/tiny-llama-v2"))
+    assert not any(tiny.is_tiny(b) for b in (None, "meta-llama/Llama-2-7b-chat-hf", "./tiny", ""))  # None: the real default
 
 
 # --- the tokenizer ---------------------------------------------------------------------------

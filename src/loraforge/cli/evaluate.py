@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--rows", type=int, metavar="N", help="evaluate at most N rows (default: every eval row, or "
                    "64 training rows)")
     p.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
-                   help="task metric: exact_match, contains, rouge_l (default: all three), none (loss only), or "
+                   help="task metric: exact_match, contains, rouge_l (default: the run's eval.metrics, else all "
+                   "three), none (loss only), or "
                    "your own as module.path:function or file.py:function, called as "
                    "function(prediction, reference, row) -> float. Repeatable or comma-separated")
     p.add_argument("--samples", type=int, default=5, metavar="N", help="answers shown side by side (default 5)")
@@ -53,7 +54,7 @@ def _change(base, tuned, lower_is_better: bool) -> str:
     return f"[{color}]{d:+.4f}[/{color}]" if abs(d) < 1000 else f"[{color}]{d:+,.0f}[/{color}]"
 
 
-def print_result(result: dict, console: Console) -> None:
+def print_result(result: dict, console: Console, answers_title: str = "answers (greedy)") -> None:
     table = Table(title=f"base vs fine-tuned: {result['rows']} {result['split']} rows", title_justify="left")
     for col in ("", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if not col else "right")
@@ -71,7 +72,7 @@ def print_result(result: dict, console: Console) -> None:
     if result.get("metric_note"):
         console.print(result["metric_note"], markup=False)
     if result["samples"]:
-        answers = Table(title="answers (greedy)", title_justify="left", show_lines=True)
+        answers = Table(title=answers_title, title_justify="left", show_lines=True)
         for col in ("prompt", "base", "fine-tuned", "reference"):
             answers.add_column(col, overflow="fold")
         for s in result["samples"]:

@@ -1,19 +1,21 @@
 """`loraforge train [RECIPE] [--set key=value ...]`: fine-tune and say where everything went."""
 from __future__ import annotations
 
+import json
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
-from loraforge.config import load_config, recipe_name
+from loraforge.config import RunConfig, load_config, recipe_name
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="fine-tune a model with QLoRA (no arguments: the built-in demo on the CPU)",
+        "train", help="fine-tune a model with QLoRA (no arguments: the built-in SQL demo on the CPU)",
         description="Fine-tune with QLoRA. RECIPE is a shipped recipe name (see `loraforge recipes`) or a YAML "
-        "file; leave it out for the embedded demo (tiny model, bundled data, a couple of minutes on a CPU).")
+        "file; leave it out for the embedded demo (SmolLM2-135M-Instruct learns text-to-SQL, a few minutes on a "
+        "CPU). Ends with the base model and the fine-tuned one side by side on the held-out rows (`loraforge eval`).")
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 --set lora.r=8 (repeatable)")
@@ -29,16 +31,21 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
+    from loraforge.cli.evaluate import print_result
     from loraforge.evaluate.report import write_report_safely
-    from loraforge.rundir import CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR
+    from loraforge.rundir import (CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
+                                  TENSORBOARD_DIR)
     from loraforge.train.loop import TrainingInterrupted, run_training
     from loraforge.errors import UserError
     from loraforge.train.resume import discard_if_unstarted, prepare_run_dir, resume_command
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    evaluation = None
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
+        if cfg.samples or cfg.eval.metrics:
+            evaluation = evaluate_after_training(cfg, run_dir, console, result.model)
     except TrainingInterrupted as stop:
         console.print(f"\n{stop}\nResume with: {resume_command(args.recipe, args.overrides, run_dir)}",
                       markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
@@ -56,13 +63,9 @@ def run(args) -> int:
                   f"{result.last_losses:.3f} (last 10%), {result.tokens_per_s:.0f} tokens/s")
     if result.stopped_early:
         console.print(result.stopped_early)
-    if result.samples:
-        table = Table(title="Sample answers, before and after fine-tuning (greedy)", show_lines=True)
-        for col in ("question", "before", "after", "reference"):
-            table.add_column(col, overflow="fold")
-        for s in result.samples:
-            table.add_row(s["question"], s["before"] or "(empty)", s["after"] or "(empty)", s["reference"])
-        console.print(table)
+    if evaluation is not None:
+        print_result(evaluation, console, answers_title="before and after fine-tuning (greedy, held-out rows)"
+                     if evaluation["split"] == "eval" else "before and after fine-tuning (greedy, training rows)")
     d = result.run_dir
     console.print(f"adapter (PEFT format):  {result.adapter_dir}\n"
                   f"config (resolved):      {d / CONFIG_FILE}\n"
@@ -70,6 +73,34 @@ def run(args) -> int:
                   f"(TensorBoard: tensorboard --logdir {d / TENSORBOARD_DIR})\n"
                   f"data report:            {d / DATA_REPORT_FILE}\n"
                   f"checkpoints:            {d / CHECKPOINT_DIR}"
+                  + (f"\neval (base vs tuned):   {d / EVAL_FILE}" if evaluation is not None else "")
                   + (f"\nreport:                 {report}" if report else ""))
     sys.stdout.flush()
     return 0
+
+
+def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
+    """`loraforge eval RUN_DIR` as the run configures it: the base and the tuned model on the same held-out
+    rows (loss, `eval.metrics`, the first `samples` answers side by side); eval.json, and the answers in
+    summary.json."""
+    from loraforge.atomic import write_text_whole
+    from loraforge.evaluate.compare import EvalOptions, evaluate_run
+
+    opts = EvalOptions(metrics=list(cfg.eval.metrics) or ["none"], samples=cfg.samples, rows=cfg.eval.rows,
+                       max_new_tokens=cfg.eval.max_new_tokens)
+    say = lambda m: console.print(m, markup=False)  # noqa: E731
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 8 == 0:
+            say(f"before/after answers: {done}/{total} prompts")
+
+    # The model training left in memory: the same weights `adapter/` reloads to (tests/export/test_agreement.py).
+    result = evaluate_run(run_dir, opts, log=say, progress=progress if cfg.eval.metrics else None, model=model)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["samples"] = [{"question": s["question"], "before": s["base"], "after": s["tuned"],
+                           "reference": s["reference"]} for s in result["samples"]]
+    summary["eval"] = {"split": result["split"], "rows": result["rows"], "metrics": result["metrics"],
+                       "response_loss": {who: result["loss"]["responses"][who]["loss"] for who in ("base", "tuned")}}
+    write_text_whole(summary_path, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    return result

@@ -342,7 +342,7 @@ class _HeaderTokenTemplate(ChatTemplate):
 
     def _segments(self, system, turns):
         eot = self._end_of_turn(self.end_marker)
-        pending = self.bos
+        pending = "" if self._bos_starts_turns else self.bos
         if system:
             pending += f"{self.start('system')}{system}{self.end_marker}{self.after_end}"
         for role, content in turns:
@@ -356,8 +356,13 @@ class _HeaderTokenTemplate(ChatTemplate):
                 pending = ""
         yield Segment(pending, False)
 
+    @property
+    def _bos_starts_turns(self) -> bool:
+        """A tokenizer whose BOS is the turn start itself (SmolLM2's is `<|im_start|>`) gets no extra one."""
+        return bool(self.bos) and self.start("user").startswith(self.bos)
+
     def parse(self, text):
-        body = self._starts_with_bos(text)
+        body = text.lstrip() if self._bos_starts_turns else self._starts_with_bos(text)
         starts = {r: self.start(r) for r in ROLES}
         if starts["user"] not in body:
             return None
@@ -456,6 +461,23 @@ class TokenizerTemplate(ChatTemplate):
             {"role": r, "content": c} for r, c in turns
         ]
         return self._apply(msgs, gen=True)
+
+    def parse(self, text):
+        """Parsed as the explicit template that renders exactly like this one (ChatML for SmolLM2), if any."""
+        mine = self._apply(_FORMAT_EXAMPLE, gen=False).rstrip()
+        for name in ("chatml", "llama3", "llama2"):
+            twin = _TEMPLATES[name](self.tokenizer, self.system_prompt)
+            if twin.text(_FORMAT_EXAMPLE).rstrip() == mine:
+                return twin.parse(text)
+        return None
+
+    @property
+    def turn_markers(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens that its template writes between turns (`<|im_start|>`, ...)."""
+        rendered = self._apply(_FORMAT_EXAMPLE, gen=False)
+        specials = (*getattr(self.tokenizer, "all_special_tokens", ()),
+                    *(getattr(self.tokenizer, "get_added_vocab", dict)() or {}))
+        return tuple(t for t in dict.fromkeys(specials) if t and t in rendered)
 
     def record(self):
         rec = super().record()

@@ -157,8 +157,12 @@ class EvalOptions:
 
 
 def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable[[str], None] = print,
-                 progress: Optional[Callable[[int, int], None]] = None) -> dict:
-    """Evaluate a run, write RUN_DIR/eval.json, and return what was written."""
+                 progress: Optional[Callable[[int, int], None]] = None, model=None) -> dict:
+    """Evaluate a run, write RUN_DIR/eval.json, and return what was written.
+
+    `model`: the run's base with its final adapter already in memory (what training just produced, the
+    same weights `adapter/` reloads to); by default they are loaded as `chat` and `generate` load them.
+    """
     from loraforge.data import prepare
     from loraforge.infer.session import load_run_model
     from loraforge.model.load import load_tokenizer, resolve_base
@@ -166,7 +170,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
     run_dir = Path(run_dir)
     started = time.time()
     cfg = load_run_config(run_dir)  # the run may be unfinished: --adapter can name a checkpoint
-    metrics: list[Metric] = resolve_metrics(opts.metrics)  # bad --metric fails before any loading
+    metrics: list[Metric] = resolve_metrics(opts.metrics or cfg.eval.metrics)  # bad --metric fails before any loading
     if opts.samples < 0 or opts.max_new_tokens <= 0 or (opts.batch_size is not None and opts.batch_size <= 0):
         raise UserError("--samples must be >= 0, --max-new-tokens and --batch-size > 0")
     if opts.rows is not None and opts.rows <= 0:
@@ -178,7 +182,10 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
     sel = select_rows(data, opts.split, opts.rows)
     log(f"eval: {sel.note} {adapter_note}.")
 
-    model, _, device = load_run_model(cfg, adapter_dir)
+    if model is None:
+        model, _, device = load_run_model(cfg, adapter_dir)
+    else:
+        device = str(next(model.parameters()).device)
     batch_size = opts.batch_size or cfg.train.micro_batch_size
     loss = loss_side_by_side(model, sel.rows, batch_size, tokenizer.pad_token_id, device)
 

@@ -9,7 +9,7 @@ import torch
 
 from loraforge.config import ModelSettings
 from loraforge.errors import UserError, first_line
-from loraforge.model import tiny
+from loraforge.model import smollm2, tiny
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -37,9 +37,11 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def resolve_base(cfg: ModelSettings) -> str:
-    """The path or Hub id to load from; the built-in tiny model is built on first use."""
+    """The path or Hub id to load from; the built-in models (the default SmolLM2, `tiny`) are built on first use."""
     if tiny.is_tiny(cfg.base):
         return str(tiny.ensure_tiny_model())
+    if smollm2.is_smollm2(cfg.base):
+        return str(smollm2.ensure_smollm2())
     path = Path(os.path.expanduser(cfg.base))
     if path.exists():
         if not (path / "config.json").is_file():

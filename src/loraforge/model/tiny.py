@@ -1,4 +1,4 @@
-"""The embedded default model: a tiny Llama-2-style chat checkpoint built locally, once.
+"""The built-in tiny model (`model.base: tiny`): a random Llama-2-style chat checkpoint built locally, once.
 
 It is a normal Hugging Face checkpoint folder (config, safetensors weights, `tokenizer.model`,
 `tokenizer.json`, chat template), so loading, 4-bit quantization, LoRA, merging and GGUF export
@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
+from loraforge.model.cache import build_once, loraforge_home
+from loraforge.model.cache import is_complete as cache_is_complete
 from loraforge.model.quiet import quiet_progress_bars
 
 TINY_MODEL_NAME = "tiny-llama-v2"  # v2: the output head drawn wider (HEAD_INIT_STD)
-_STAGING_PREFIX = f".{TINY_MODEL_NAME}.tmp-"
 _TINY_ALIASES = {"tiny", TINY_MODEL_NAME, f"loraforge/{TINY_MODEL_NAME}"}
 DEMO_DATA = Path(__file__).resolve().parent.parent / "assets" / "demo_chat.jsonl"
 
@@ -84,14 +81,9 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 
-def loraforge_home() -> Path:
-    """Where loraforge keeps built models: $LORAFORGE_HOME, default ~/.cache/loraforge."""
-    return Path(os.environ.get("LORAFORGE_HOME") or "~/.cache/loraforge").expanduser()
-
-
 def is_tiny(base: Optional[str]) -> bool:
-    """Whether a `model.base` setting means the embedded tiny model (None means the default)."""
-    return base is None or base in _TINY_ALIASES
+    """Whether a `model.base` setting names the embedded tiny model (None is the real default model)."""
+    return base in _TINY_ALIASES
 
 
 def tiny_model_dir() -> Path:
@@ -99,46 +91,12 @@ def tiny_model_dir() -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in REQUIRED_FILES)
+    return cache_is_complete(path, REQUIRED_FILES)
 
 
 def ensure_tiny_model() -> Path:
-    """The tiny checkpoint's folder, built on first use.
-
-    The build goes into a temporary sibling folder that is renamed into place only when complete:
-    a crash never leaves a folder that looks finished, and of two processes building at once the
-    second simply discards its copy.
-    """
-    target = tiny_model_dir()
-    if is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not is_complete(target):
-        # Not from us (our builds appear complete or not at all): left by hand or by an old tool.
-        shutil.rmtree(target, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=target.parent))
-    os.chmod(staging, 0o755)  # mkdtemp's 0700 would follow the folder into place
-    try:
-        build_tiny_model(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not is_complete(target):  # not a racing process's finished build: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _remove_stale_staging(target.parent)
-    return target
-
-
-def _remove_stale_staging(models_dir: Path, older_than_s: float = 3600) -> None:
-    """Staging folders of builds that were killed outright; a build still running is much younger."""
-    for leftover in models_dir.glob(f"{_STAGING_PREFIX}*"):
-        try:
-            if time.time() - leftover.stat().st_mtime > older_than_s:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
+    """The tiny checkpoint's folder, built on first use (atomically: see `cache.build_once`)."""
+    return build_once(tiny_model_dir(), lambda out_dir: build_tiny_model(out_dir), REQUIRED_FILES)
 
 
 def build_tiny_model(out_dir: Path) -> None:

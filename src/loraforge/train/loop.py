@@ -2,7 +2,8 @@
 
 load tokenizer -> prepare data (fails fast, before the weights) -> load and quantize the base ->
 attach LoRA -> optimizer/schedule -> for each optimizer step: micro-batches with gradient
-accumulation, clip, step, log, evaluate, checkpoint -> save the adapter and sample answers.
+accumulation, clip, step, log, evaluate, checkpoint -> save the adapter. (The before/after answers and
+the base-vs-tuned evaluation that end `loraforge train` are the cli's: it runs `evaluate` after this.)
 """
 from __future__ import annotations
 
@@ -56,9 +57,9 @@ class TrainResult:
     first_losses: float
     last_losses: float
     tokens_per_s: float
-    samples: list[dict] = field(default_factory=list)
     stopped_early: Optional[str] = None
     best_eval: Optional[dict] = None
+    model: object = field(default=None, repr=False)  # the trained model (PEFT), e.g. for the cli's evaluation
 
 
 def micro_batch_loss(model, batch: dict, n_items: int) -> torch.Tensor:
@@ -237,38 +238,21 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     except OSError as e:
         raise UserError(f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
                         f"{last_checkpoint} is complete: free space and run the same command with --resume") from e
-    samples = sample_answers(unwrapped, tokenizer, data, cfg.samples)
     window = max(1, len(step_losses) // 10)
     result = TrainResult(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=completed,
         first_losses=_mean(step_losses[:window]), last_losses=_mean(step_losses[-window:]),
-        tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0, samples=samples,
+        tokens_per_s=tokens_seen / train_seconds if train_seconds else 0.0,
         stopped_early=stopped_early,
         best_eval={"step": state["best_step"], "loss": state["best_eval_loss"],
                    "checkpoint": str(run_dir / CHECKPOINT_DIR / checkpoint_name(state["best_step"]))}
-        if state["best_step"] else None)
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+        if state["best_step"] else None, model=unwrapped)
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items() if k != "model"}
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
                    fast_paths=fast_paths.as_dict(),
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return result
-
-
-def sample_answers(model, tokenizer, data, count: int) -> list[dict]:
-    """Greedy answers to a few held-out (or training) prompts, with the adapter off and on."""
-    from loraforge.infer.generate import generate_reply
-
-    out = []
-    for sample in data.samples[:count]:
-        prompt = data.template.prompt(sample["messages"])
-        kw = dict(max_new_tokens=48, stop_strings=tuple(data.template.stop_strings))
-        with model.disable_adapter():
-            before = generate_reply(model, tokenizer, prompt, **kw)
-        after = generate_reply(model, tokenizer, prompt, **kw)
-        question = next(m["content"] for m in reversed(sample["messages"]) if m["role"] == "user")
-        out.append({"question": question, "reference": sample["reference"], "before": before, "after": after})
-    return out
 
 
 def _clip(accelerator, params, max_norm: Optional[float]) -> float:
