@@ -72,7 +72,7 @@ def check_family(merged, tmp_path, prompts, label, f16_source=None, strings=None
 
 def test_smollm2_finetune_agrees_in_llama_cpp(smollm2_run, tmp_path):
     from loraforge.export.merge import merge_run
-    from loraforge.infer.session import read_run
+    from loraforge.rundir import read_run
 
     out = tmp_path / "smollm2-f16.gguf"  # straight from the run directory, through the CLI
     result = run_cli("export", "gguf", str(smollm2_run), "--out", str(out))
@@ -113,7 +113,7 @@ def test_llama3_shaped_model_agrees_in_llama_cpp(llama3_dir, tmp_path):
 
 def test_sentencepiece_tiny_model_agrees_in_llama_cpp(short_run, tmp_path):
     from loraforge.export.merge import merge_run
-    from loraforge.infer.session import read_run
+    from loraforge.rundir import read_run
 
     out = tmp_path / "tiny-q4_k_m.gguf"  # a quantized type through the CLI
     result = run_cli("export", "gguf", str(short_run), "--out", str(out), "--type", "q4_k_m")

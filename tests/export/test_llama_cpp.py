@@ -13,7 +13,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from loraforge.export.gguf import export_gguf  # noqa: E402
 from loraforge.export.merge import merge_run  # noqa: E402
 from loraforge.infer.generate import generate_reply, reply_stop_strings  # noqa: E402
-from loraforge.infer.session import read_run  # noqa: E402
+from loraforge.rundir import read_run  # noqa: E402
 
 QUESTION = "How can I make my writing more concise?"
 STEPS = 24
