@@ -6,8 +6,9 @@ errors, with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,6 +28,16 @@ LORA_TARGET_GROUPS = ("attention", "all-linear")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        # pydantic's lax mode reads `true` as 1 for a number; `micro_batch_size: true` is a mistake.
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in _leaf_types(ann) and _leaf_types(ann) & {int, float}:
+                raise ValueError("expected a number, not true/false")
+        return v
 
 
 class ModelSettings(Section):
@@ -154,31 +165,88 @@ class RunConfig(Section):
 
 # --- loading -------------------------------------------------------------------------------
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+def _leaf_types(ann) -> set:
+    """The plain types inside an annotation: Optional[list[DatasetSource]] -> {NoneType, DatasetSource}."""
+    args = get_args(ann)
+    if not args:
+        return {ann}
+    if get_origin(ann) is Literal:
+        return {type(a) for a in args}
+    if get_origin(ann) is dict:
+        return set()
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def _section_of(ann) -> Optional[type[BaseModel]]:
+    models = [t for t in _leaf_types(ann) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return models[0] if models else None
+
+
+def _clean_loc(loc) -> tuple[list, type[BaseModel]]:
+    """The user's key path of an error, without pydantic's union-member tags such as
+    `literal['attention','all-linear']` or `list[str]`; and the section the last key belongs to."""
+    model, section, out = RunConfig, RunConfig, []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif model is not None:  # a key of this section (or an unknown one: the message is about it)
+            out.append(part)
+            section = model
+            field = model.model_fields.get(part)
+            model = _section_of(field.annotation) if field else None
+        elif not _PYDANTIC_TAG.match(part):  # e.g. a key of data.datasets[].columns
+            out.append(part)
+    return out, section
+
+
+# How pydantic names the member of a union (or a validator) that failed: not a key the user wrote.
+_PYDANTIC_TAG = re.compile(r"^(literal\[.*\]|[a-z]+\[.*\]|str|int|float|bool|none|function-[a-z]+\[.*\])$")
+
+
+def _format_errors(err: ValidationError, source: str, set_keys: dict[str, str] = {}) -> str:
+    problems: dict[str, list[str]] = {}  # one entry per key path: a union's alternatives become one line
+    from_set = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc, section = _clean_loc(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _suggest(e["loc"])
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)) \
-                and "token" not in path:  # never echo a secret
-            msg += f" (got {e['input']!r})"
-        lines.append(f"  - {path}: {msg}")
-    return "\n".join(lines)
+            msg = "unknown key" + _suggest(str(loc[-1]), section)
+        problems.setdefault(path, [])
+        if msg not in problems[path]:
+            problems[path].append(msg)
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden") \
+                and not isinstance(e["input"], (dict, list)) and "token" not in path:  # never echo a secret
+            problems[path].append(f"(got {e['input']!r})")
+        from_set.append(_set_flag(path, set_keys))
+    lines = []
+    for path, msgs in problems.items():
+        flag = _set_flag(path, set_keys)
+        text = " ".join(_join_alternatives(msgs))
+        lines.append(f"  - {path}: {text}" + (f" (from {flag})" if flag else ""))
+    where = "--set" if all(from_set) else source + (" and --set" if any(from_set) else "")
+    return "\n".join([f"{where}: {len(lines)} problem(s) in the config:"] + lines)
 
 
-def _suggest(loc) -> str:
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            break
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"
+def _join_alternatives(msgs: list[str]) -> list[str]:
+    texts = [m for m in msgs if not m.startswith("(got")]
+    got = [m for m in msgs if m.startswith("(got")][:1]
+    joined = texts[0] + "".join(", or " + t[0].lower() + t[1:] for t in texts[1:]) if texts else ""
+    return [joined] + got
+
+
+def _set_flag(path: str, set_keys: dict[str, str]) -> Optional[str]:
+    """The --set flag that produced the value at `path` (the key itself or a section above it)."""
+    for key, text in set_keys.items():
+        if path == key or path.startswith(key + "."):
+            return f"--set {key}" if "token" in text else f"--set {text}"  # never echo a secret
+    return None
+
+
+def _suggest(name: str, section: Optional[type[BaseModel]]) -> str:
+    fields = list((section or RunConfig).model_fields)
+    close = difflib.get_close_matches(name, fields, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(fields)}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -222,9 +290,12 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is a YAML file, "
+                        "see `loraforge config show` for one") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     if not isinstance(raw, dict):
@@ -240,10 +311,11 @@ def load_config(recipe: Optional[str] = None, overrides: list[str] = (), *, base
     path = resolve_recipe(recipe) if recipe else RECIPES_DIR / "demo.yaml"
     raw = read_yaml(path)
     raw = apply_overrides(raw, list(overrides))
+    set_keys = {".".join(parse_override(t)[0]): t for t in overrides if not t.startswith("output_dir=")}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_format_errors(e, str(path))) from None
+        raise UserError(_format_errors(e, str(path), set_keys)) from None
     cfg_dir = path.parent if not str(path).startswith(str(RECIPES_DIR)) else Path.cwd()
     for src in cfg.data.datasets or []:
         local = cfg_dir / src.path

@@ -26,23 +26,30 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from loraforge.errors import UserError
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it; give one of them")
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
     from loraforge.evaluate.report import write_report_safely
     from loraforge.train.loop import TrainingInterrupted, run_training
-    from loraforge.errors import UserError
-    from loraforge.train.rundir import discard_if_unstarted, prepare_run_dir, resume_command
+    from loraforge.train.rundir import discard_if_unstarted, finished_at, prepare_run_dir, resume_command
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    if finished_at(checkpoint) is not None:
+        console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
+                      f"resume, nothing written. Its adapter: {checkpoint.parent.parent / 'adapter'}", markup=False)
+        return 0
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
     except TrainingInterrupted as stop:
         console.print(f"\n{stop}\nResume with: {resume_command(args.recipe, args.overrides, run_dir)}",
                       markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
         return 128 + stop.signum
-    except UserError:
+    except Exception:  # bad data, an unwritable disk, a model that will not load...
         if checkpoint is None:  # failed before its first step: leave no folder that blocks the fixed command
             discard_if_unstarted(run_dir)
         raise
