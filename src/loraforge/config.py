@@ -137,6 +137,7 @@ class TrainSettings(Section):
     save_total_limit: int = Field(2, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)
+    keep_best: bool = Field(False, description="The adapter is the best evaluation's checkpoint, not the last step's.")
     max_bad_steps: int = Field(0, ge=0, description="NaN/Inf steps to skip before stopping the run.")
     tensorboard: bool = True
 
@@ -260,9 +261,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Keys that exclude each other: a --set of one replaces the recipe's other (the user asked for it;
+# the recipe's choice is only a default). Two --set flags that conflict are still an error.
+EXCLUSIVE = (("data.eval_fraction", "data.eval_size", "data.eval_split"),)
+
+
+def _drop_recipe_conflicts(raw: dict, key: str, value, set_keys: set[str]) -> None:
+    if value in (None, 0, ""):
+        return
+    for group in EXCLUSIVE:
+        if key in group:
+            for other in group:
+                section, _, name = other.rpartition(".")
+                node = raw.get(section)
+                if other != key and other not in set_keys and isinstance(node, dict):
+                    node.pop(name, None)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    set_keys = {".".join(parse_override(t)[0]) for t in overrides}
     for text in overrides:
         path, value = parse_override(text)
+        _drop_recipe_conflicts(raw, ".".join(path), value, set_keys)
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):

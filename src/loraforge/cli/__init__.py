@@ -16,7 +16,7 @@ from loraforge import __version__
 from loraforge.errors import UserError
 
 # Modules under loraforge.cli, each adding its sub-commands.
-COMMAND_MODULES = ["train", "recipes", "data", "evaluate", "report", "infer", "export"]
+COMMAND_MODULES = ["train", "recipes", "config_show", "data", "evaluate", "report", "infer", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +39,16 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its "Retrying in Ns" lines; it resets levels on import
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # a log file or CI: tqdm bars ("Loading weights") are noise there
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
 # Failures of the machine, not of loraforge: a full, read-only or missing location. Any other

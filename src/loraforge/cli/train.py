@@ -6,6 +6,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from loraforge.cli.data import dataset_options, dataset_override
 from loraforge.config import load_config, recipe_name
 
 
@@ -17,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 --set lora.r=8 (repeatable)")
+    p.add_argument("--dataset", metavar="PATH", help="train on this dataset (file, glob, save_to_disk folder or Hub "
+                   "id) instead of the recipe's")
+    dataset_options(p)
     p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the newest complete checkpoint of the run directory, or of PATH "
@@ -30,6 +34,7 @@ def run(args) -> int:
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it; give one of them")
+    args.overrides = list(args.overrides) + dataset_override(args)  # kept in the printed resume command
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
@@ -76,5 +81,17 @@ def run(args) -> int:
                   f"data report:            {d / 'data_report.json'}\n"
                   f"checkpoints:            {d / 'checkpoints'}"
                   + (f"\nreport:                 {report}" if report else ""))
+    console.print(next_commands(d), markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0
+
+
+def next_commands(run_dir) -> str:
+    """What to do with a finished run, as commands to copy."""
+    import shlex
+
+    d = shlex.quote(str(run_dir))
+    return (f"\nnext:\n  loraforge eval {d}                      # base vs fine-tuned on the held-out rows\n"
+            f"  loraforge chat {d}                      # talk to it\n"
+            f"  loraforge merge {d} --out {shlex.quote(str(run_dir) + '-merged')}   # one plain transformers model\n"
+            f"  loraforge export gguf {d} --out {shlex.quote(str(run_dir) + '.gguf')}   # for llama.cpp")

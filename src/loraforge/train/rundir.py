@@ -21,6 +21,7 @@ HARMLESS_KEYS = {
     "description", "output_dir", "samples",
     "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
+    "train.keep_best",
 }
 # Files a run writes before its first step; a folder holding only these has nothing to lose.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "adapter", "summary.json")
