@@ -9,7 +9,9 @@ them, and a crash leaves the old target or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -70,6 +72,32 @@ def replace(tmp: Path, final: Path) -> None:
         _remove(old)
 
 
+# How libraries that do not raise OSError report a failed write: safetensors (Rust) names the OS
+# error; torch.save's zip writer says only "unexpected pos", so free space decides (below).
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed")
+LOW_SPACE = 1 << 20  # bytes: below this after a failed write, the disk was full
+
+
+def as_os_error(e: BaseException, folder: Path) -> OSError | None:
+    """The OSError behind a library's failed write (a full or read-only disk), else None: a real bug
+    stays a bug. Call while the partial output still occupies its space."""
+    if isinstance(e, OSError):
+        return e
+    if not isinstance(e, Exception) or type(e).__name__ not in ("RuntimeError", "SafetensorError"):
+        return None
+    text = str(e)
+    code = _OS_ERROR_IN_TEXT.search(text)
+    if code:
+        number = int(code.group(1))
+        return OSError(number, os.strerror(number), str(folder))
+    if any(marker in text for marker in _TORCH_WRITE_FAILED):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < LOW_SPACE:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+    return None
+
+
 @contextlib.contextmanager
 def written_whole(final, folder: bool = False):
     """`with written_whole(path) as tmp:` write `tmp` (a file, or a folder if `folder`); it becomes
@@ -84,8 +112,11 @@ def written_whole(final, folder: bool = False):
         yield tmp
         _fsync(tmp)
         replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        disk = as_os_error(e, final.parent)
         _remove(tmp)
+        if disk is not None and disk is not e:
+            raise disk from e
         raise
 
 

@@ -6,8 +6,9 @@ errors, with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +31,16 @@ LORA_TARGET_GROUPS = ("attention", "all-linear")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v, info):
+        # pydantic's lax mode reads `true` as 1 for a number; `micro_batch_size: true` is a mistake.
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in _leaf_types(ann) and _leaf_types(ann) & {int, float}:
+                raise ValueError("expected a number, not true/false")
+        return v
 
 
 class ModelSettings(Section):
@@ -132,6 +143,7 @@ class TrainSettings(Section):
     save_total_limit: int = Field(2, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
     early_stopping_patience: Optional[int] = Field(None, gt=0)
+    keep_best: bool = Field(False, description="The adapter is the best evaluation's checkpoint, not the last step's.")
     max_bad_steps: int = Field(0, ge=0, description="NaN/Inf steps to skip before stopping the run.")
     tensorboard: bool = True
 
@@ -202,36 +214,93 @@ def cross_check(cfg: "RunConfig") -> list[str]:
 
 # --- loading -------------------------------------------------------------------------------
 
-def format_errors(err: ValidationError, source: str) -> str:
-    count = sum(len(e["msg"].split(CROSS_CHECK_MARK, 1)[1].splitlines()) if CROSS_CHECK_MARK in e["msg"] else 1
-                for e in err.errors())
-    lines = [f"{source}: {count} problem(s) in the config:"]
+def _leaf_types(ann) -> set:
+    """The plain types inside an annotation: Optional[list[DatasetSource]] -> {NoneType, DatasetSource}."""
+    args = get_args(ann)
+    if not args:
+        return {ann}
+    if get_origin(ann) is Literal:
+        return {type(a) for a in args}
+    if get_origin(ann) is dict:
+        return set()
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def _section_of(ann) -> Optional[type[BaseModel]]:
+    models = [t for t in _leaf_types(ann) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return models[0] if models else None
+
+
+def _clean_loc(loc) -> tuple[list, type[BaseModel]]:
+    """The user's key path of an error, without pydantic's union-member tags such as
+    `literal['attention','all-linear']` or `list[str]`; and the section the last key belongs to."""
+    model, section, out = RunConfig, RunConfig, []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif model is not None:  # a key of this section (or an unknown one: the message is about it)
+            out.append(part)
+            section = model
+            field = model.model_fields.get(part)
+            model = _section_of(field.annotation) if field else None
+        elif not _PYDANTIC_TAG.match(part):  # e.g. a key of data.datasets[].columns
+            out.append(part)
+    return out, section
+
+
+# How pydantic names the member of a union (or a validator) that failed: not a key the user wrote.
+_PYDANTIC_TAG = re.compile(r"^(literal\[.*\]|[a-z]+\[.*\]|str|int|float|bool|none|function-[a-z]+\[.*\])$")
+
+
+def format_errors(err: ValidationError, source: str, set_keys: dict[str, str] = {}) -> str:
+    problems: dict[str, list[str]] = {}  # one entry per key path: a union's alternatives become one line
+    from_set, cross = [], []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if CROSS_CHECK_MARK in msg:  # the cross-checks: one line each, with their own key paths
-            lines += [f"  - {p}" for p in msg.split(CROSS_CHECK_MARK, 1)[1].splitlines()]
+        if CROSS_CHECK_MARK in e["msg"]:  # the cross-checks: one line each, with their own key paths
+            cross += e["msg"].split(CROSS_CHECK_MARK, 1)[1].splitlines()
             continue
+        loc, section = _clean_loc(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _suggest(e["loc"])
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)) \
-                and "token" not in path:  # never echo a secret
-            msg += f" (got {e['input']!r})"
-        lines.append(f"  - {path}: {msg}")
-    return "\n".join(lines)
+            msg = "unknown key" + _suggest(str(loc[-1]), section)
+        problems.setdefault(path, [])
+        if msg not in problems[path]:
+            problems[path].append(msg)
+        if "input" in e and e["type"] not in ("missing", "extra_forbidden") \
+                and not isinstance(e["input"], (dict, list)) and "token" not in path:  # never echo a secret
+            problems[path].append(f"(got {e['input']!r})")
+        from_set.append(_set_flag(path, set_keys))
+    lines = []
+    for path, msgs in problems.items():
+        flag = _set_flag(path, set_keys)
+        text = " ".join(_join_alternatives(msgs))
+        lines.append(f"  - {path}: {text}" + (f" (from {flag})" if flag else ""))
+    lines += [f"  - {problem}" for problem in cross]
+    where = "--set" if from_set and all(from_set) and not cross else \
+        source + (" and --set" if any(from_set) else "")
+    return "\n".join([f"{where}: {len(lines)} problem(s) in the config:"] + lines)
 
 
-def _suggest(loc) -> str:
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            break
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(model.model_fields)}"
+def _join_alternatives(msgs: list[str]) -> list[str]:
+    texts = [m for m in msgs if not m.startswith("(got")]
+    got = [m for m in msgs if m.startswith("(got")][:1]
+    joined = texts[0] + "".join(", or " + t[0].lower() + t[1:] for t in texts[1:]) if texts else ""
+    return [joined] + got
+
+
+def _set_flag(path: str, set_keys: dict[str, str]) -> Optional[str]:
+    """The --set flag that produced the value at `path` (the key itself or a section above it)."""
+    for key, text in set_keys.items():
+        if path == key or path.startswith(key + "."):
+            return f"--set {key}" if "token" in text else f"--set {text}"  # never echo a secret
+    return None
+
+
+def _suggest(name: str, section: Optional[type[BaseModel]]) -> str:
+    fields = list((section or RunConfig).model_fields)
+    close = difflib.get_close_matches(name, fields, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(fields)}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -245,9 +314,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+# Keys that exclude each other: a --set of one replaces the recipe's other (the user asked for it;
+# the recipe's choice is only a default). Two --set flags that conflict are still an error.
+EXCLUSIVE = (("data.eval_fraction", "data.eval_size", "data.eval_split"),)
+
+
+def _drop_recipe_conflicts(raw: dict, key: str, value, set_keys: set[str]) -> None:
+    if value in (None, 0, ""):
+        return
+    for group in EXCLUSIVE:
+        if key in group:
+            for other in group:
+                section, _, name = other.rpartition(".")
+                node = raw.get(section)
+                if other != key and other not in set_keys and isinstance(node, dict):
+                    node.pop(name, None)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    set_keys = {".".join(parse_override(t)[0]) for t in overrides}
     for text in overrides:
         path, value = parse_override(text)
+        _drop_recipe_conflicts(raw, ".".join(path), value, set_keys)
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -275,9 +363,12 @@ def resolve_recipe(name_or_path: str) -> Path:
 
 def read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8); a config is a YAML file, "
+                        "see `loraforge config show` for one") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     if not isinstance(raw, dict):
@@ -293,10 +384,11 @@ def load_config(recipe: Optional[str] = None, overrides: list[str] = (), *, base
     path = resolve_recipe(recipe) if recipe else RECIPES_DIR / "demo.yaml"
     raw = read_yaml(path)
     raw = apply_overrides(raw, list(overrides))
+    set_keys = {".".join(parse_override(t)[0]): t for t in overrides if not t.startswith("output_dir=")}
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_errors(e, str(path))) from None
+        raise UserError(format_errors(e, str(path), set_keys)) from None
     shipped = str(path).startswith(str(RECIPES_DIR))
     cfg_dir = path.parent if not shipped else Path.cwd()
     for src in cfg.data.datasets or []:

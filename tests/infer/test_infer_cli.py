@@ -94,7 +94,7 @@ def test_a_run_without_adapter_is_refused_by_every_command(short_run, tmp_path):
     (["chat", "{run}", "--temperature", "-1"], "--temperature must be >= 0"),
     (["generate", "{run}", "--prompt", "hi", "--output", "{tmp}/a.jsonl"], "--output goes with --input"),
     (["generate", "{run}", "--prompt", "   "], "--prompt is empty"),
-    (["generate", "{run}", "--input", "{tmp}/prompts.jsonl"], "--input needs --output"),
+    (["generate", "{run}", "--prompt", "hi", "--greedy", "--temperature", "0.9"], "give --greedy or --temperature"),
     (["generate", "{tmp}/nowhere", "--prompt", "hi"], "not found"),
     (["chat", "{tmp}"], "has no config.yaml"),
 ])

@@ -6,6 +6,7 @@ dispatches and turns UserError into one clear message and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -15,7 +16,7 @@ from loraforge import __version__
 from loraforge.errors import UserError
 
 # Modules under loraforge.cli, each adding its sub-commands.
-COMMAND_MODULES = ["train", "recipes", "data", "evaluate", "report", "infer", "export"]
+COMMAND_MODULES = ["train", "recipes", "config_show", "data", "evaluate", "report", "infer", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +39,50 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its "Retrying in Ns" lines; it resets levels on import
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # a log file or CI: tqdm bars ("Loading weights") are noise there
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
+# Failures of the machine, not of loraforge: a full, read-only or missing location. Any other
+# OSError (a missing file loraforge itself should have made, say) stays an internal error.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "free some space or choose another location",
+    errno.EDQUOT: "free some space or choose another location",
+    errno.EROFS: "the location is read-only; choose another",
+    errno.EACCES: "check the permissions or choose another location",
+    errno.EPERM: "check the permissions or choose another location",
+    errno.ENOTDIR: "part of the path is a file, not a folder; choose another location",
+    errno.EISDIR: "that is a folder; give a file name",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the device reported an I/O error; check the disk",
+}
+
+
+def environment_error(e: OSError) -> str | None:
+    """One line for an OSError caused by the machine (see ENVIRONMENT_ERRNOS), else None."""
+    hint = ENVIRONMENT_ERRNOS.get(e.errno)
+    if hint is None:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or os.strerror(e.errno)}; {hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # --debug is a global flag, but users also type it after the sub-command.
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if "--debug" in options[1:]:
+        argv.remove("--debug")
+        argv.insert(0, "--debug")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -65,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: say so briefly; --debug shows the traceback
         if args.debug:
             raise
+        message = environment_error(e) if isinstance(e, OSError) else None
+        if message:  # a full or read-only disk: the user's to fix
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         print(f"internal error: {type(e).__name__}: {e}\nThis looks like a bug in loraforge; "
               "rerun with --debug for the traceback and report it.", file=sys.stderr)
         return 1

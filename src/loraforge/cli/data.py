@@ -1,12 +1,13 @@
 """`loraforge data inspect [CONFIG] [--dataset PATH]`: check and describe the data without loading weights."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from loraforge.config import FORMAT_NAMES, TEMPLATE_NAMES
 from loraforge.errors import UserError, first_line
-from loraforge.rundir import DATA_REPORT_CHART, DATA_REPORT_FILE
+from loraforge.rundir import CONFIG_FILE, DATA_REPORT_CHART, DATA_REPORT_FILE
 
 
 def register(sub) -> None:
@@ -17,42 +18,61 @@ def register(sub) -> None:
         "inspect", help="rows, shape, token lengths, masking and truncation, without loading the model",
         description="Load the data as `loraforge train CONFIG` would (only the tokenizer, no weights) and report "
         "rows per source, the shape found, token lengths next to max_length, the trained share and three "
-        "examples with the masked part marked. Writes data_report.json and data_report.png.")
+        "examples with the masked part marked. With --out DIR, also writes data_report.json and data_report.png there.")
     i.add_argument("config", nargs="?", help="recipe name or YAML path (default: demo)")
     i.add_argument("--dataset", metavar="PATH", help="inspect this dataset (file, glob, save_to_disk folder or Hub id) "
                    "instead of the config's")
-    i.add_argument("--format", choices=FORMAT_NAMES,
-                   help="shape of --dataset (default: auto)")
+    dataset_options(i)
     i.add_argument("--template", choices=TEMPLATE_NAMES,
                    help="chat template (default: the config's)")
     i.add_argument("--max-length", type=int, metavar="N", help="max tokens per row (default: the config's)")
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.train_on=all (repeatable)")
-    i.add_argument("--out", metavar="DIR", default=".", help="where to write data_report.json/.png (default: .)")
-    i.add_argument("--force", action="store_true", help="overwrite existing report files")
+    i.add_argument("--out", metavar="DIR", help="also write data_report.json/.png into DIR (replacing earlier ones; "
+                   "default: write nothing)")
+    i.add_argument("--force", action="store_true", help="allow --out to be a training run directory")
     i.set_defaults(handler=run_inspect)
+
+
+def dataset_options(p) -> None:
+    """--format and --column, which describe --dataset (shared by `data inspect` and `train`)."""
+    p.add_argument("--format", choices=FORMAT_NAMES,
+                   help="shape of --dataset (default: auto)")
+    p.add_argument("--column", dest="columns", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="with --dataset: read our FIELD from the dataset's COLUMN, e.g. --column input=question "
+                   "--column output=answer (repeatable; the config's columns: mapping)")
+
+
+def dataset_override(args) -> list[str]:
+    """--dataset PATH [--format F] [--column A=B] as one `--set data.datasets=[...]` (so a printed resume
+    command repeats it); relative local paths are made absolute."""
+    if not args.dataset:
+        if args.format or args.columns:
+            raise UserError(f"{'--format' if args.format else '--column'} describes --dataset; for a config's "
+                            "datasets set format: / columns: in the config")
+        return []
+    path = args.dataset
+    local = Path(os.path.expanduser(path))
+    if local.exists() or any(ch in path for ch in "*?["):
+        path = str(local.absolute()) if local.exists() else os.path.abspath(os.path.expanduser(path))
+    source = {"path": path, "format": args.format or "auto"}
+    for text in args.columns:
+        ours, sep, theirs = text.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise UserError(f"--column {text!r}: expected FIELD=COLUMN, e.g. --column output=answer")
+        source.setdefault("columns", {})[ours.strip()] = theirs.strip()
+    return [f"data.datasets=[{json.dumps(source)}]"]  # JSON is YAML: --set parses it back
 
 
 def build_config(args):
     from loraforge.config import load_config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + dataset_override(args)
     if args.template:
         overrides.append(f"data.template={args.template}")
     if args.max_length is not None:
         overrides.append(f"data.max_length={args.max_length}")
-    cfg = load_config(args.config, overrides)
-    if args.dataset:
-        from loraforge.config import DatasetSource
-
-        path = args.dataset
-        local = Path(os.path.expanduser(path))
-        if local.exists() or any(ch in path for ch in "*?["):
-            path = str(local.absolute()) if local.exists() else os.path.abspath(os.path.expanduser(path))
-        cfg.data.datasets = [DatasetSource(path=path, format=args.format or "auto")]
-    elif args.format:
-        raise UserError("--format describes --dataset; for a config's datasets set format: in the config")
-    return cfg
+    return load_config(args.config, overrides)
 
 
 def load_tokenizer_for(cfg):
@@ -72,11 +92,10 @@ def run_inspect(args) -> int:
     from rich.console import Console
 
     cfg = build_config(args)
-    out = Path(args.out)
-    targets = [out / DATA_REPORT_FILE, out / DATA_REPORT_CHART]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not args.force:
-        raise UserError(f"{', '.join(existing)} already exist(s); use --force to overwrite or --out DIR elsewhere.")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out / CONFIG_FILE).is_file() and (out / DATA_REPORT_FILE).exists() and not args.force:
+        raise UserError(f"--out {out} is a training run directory; its {DATA_REPORT_FILE} describes that run. "
+                        "Choose another --out, or add --force to replace it.")
     console = Console(highlight=False)
     tokenizer = load_tokenizer_for(cfg)
 
@@ -84,8 +103,9 @@ def run_inspect(args) -> int:
 
     prepared = prepare(cfg.data, tokenizer, log=lambda s: console.print(s, markup=False, style="dim", soft_wrap=True))
     show(console, prepared.report)
-    json_path, png_path = write_data_report(prepared, out)
-    console.print(f"\nreport: {json_path}\nlength histogram: {png_path}", markup=False)
+    if out is not None:
+        json_path, png_path = write_data_report(prepared, out)
+        console.print(f"\nreport: {json_path}\nlength histogram: {png_path}", markup=False)
     return 0
 
 

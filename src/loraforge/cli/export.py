@@ -52,6 +52,10 @@ def register(sub) -> None:
 
 
 def run_merge(args) -> int:
+    if args.push_to_hub:  # before the merge: a missing token should not cost minutes of work
+        from loraforge.export.hub import check_push
+
+        check_push(args.push_to_hub)
     from loraforge.export.merge import merge_to_folder
     from loraforge.model.quiet import quiet_progress_bars
 
@@ -95,6 +99,10 @@ def run_adapter(args) -> int:
     if not args.out and not args.push_to_hub:
         raise UserError("export adapter: give --out DIR to copy the adapter, --push-to-hub OWNER/NAME to upload it, "
                         "or both")
+    if args.push_to_hub:
+        from loraforge.export.hub import check_push
+
+        check_push(args.push_to_hub)
     console = Console(highlight=False, soft_wrap=True)
     info = read_run(args.run_dir, finished=True)
     folder = info.adapter_dir

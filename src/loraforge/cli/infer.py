@@ -1,6 +1,7 @@
 """`loraforge chat RUN_DIR` and `loraforge generate RUN_DIR`: use a fine-tuned run in its training template."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -12,8 +13,9 @@ def _model_options(p) -> None:
     p.add_argument("--base", action="store_true", help="use the base model without the adapter, for comparison")
     p.add_argument("--system", help="system prompt (default: the run's data.system_prompt, if any)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest reply in tokens [256]")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy [0.7]")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to "
+    # None = not given: --greedy with an explicit --temperature/--top-p is a contradiction, not a default
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy [0.7]")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to "
                    "this probability mass [0.9]")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling, for repeatable answers [0]")
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token (same as --temperature 0)")
@@ -31,13 +33,15 @@ def register(sub) -> None:
     gen = sub.add_parser(
         "generate", help="answer one prompt, or a JSONL file of prompts, with a fine-tuned run",
         description="Generate replies in the run's training template. --prompt answers one question on stdout; "
-        '--input prompts.jsonl (rows {"prompt": ...} or {"messages": [...]}) writes --output answers.jsonl with '
-        '{"prompt", "answer"} added to each row. Replies end at EOS and never contain the template\'s markers.')
+        '--input prompts.jsonl (rows {"prompt": ...} or {"messages": [...]}) writes --output answers.jsonl (or '
+        'stdout) with {"prompt", "answer"} added to each row. Replies end at EOS and never contain the template\'s '
+        'markers.')
     _model_options(gen)
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the user message to answer")
     what.add_argument("--input", metavar="PROMPTS.jsonl", help="a JSONL file of prompts")
-    gen.add_argument("--output", metavar="ANSWERS.jsonl", help="where to write the answers (with --input)")
+    gen.add_argument("--output", metavar="ANSWERS.jsonl", help="where to write the answers (with --input; "
+                     "default: JSONL on stdout)")
     gen.add_argument("--force", action="store_true", help="replace an existing --output file")
     gen.set_defaults(handler=run_generate)
 
@@ -48,9 +52,15 @@ def _sampling(args):
 
     if args.max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be at least 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
+    if args.greedy and ((args.temperature or 0) > 0 or args.top_p is not None):
+        flag = "--temperature" if (args.temperature or 0) > 0 else "--top-p"
+        raise UserError(f"--greedy always picks the most likely token, so {flag} would be ignored; "
+                        f"give --greedy or {flag}, not both")
+    temperature = 0.7 if args.temperature is None else args.temperature
+    top_p = 0.9 if args.top_p is None else args.top_p
+    if temperature < 0 or not 0 < top_p <= 1:
         raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=top_p,
                     seed=args.seed, greedy=args.greedy)
 
 
@@ -117,17 +127,18 @@ def _generate_file(args, sampling, console) -> int:
     from loraforge.export.paths import check_output
     from loraforge.infer.batch import answer_rows, read_prompts
 
-    if not args.output:
-        raise UserError("--input needs --output ANSWERS.jsonl, the file to write the answers to")
     rows = read_prompts(args.input)
-    check_output(args.output, args.force, "--output")
+    if args.output:
+        check_output(args.output, args.force, "--output")
     session = _load(args, console)
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with written_whole(args.output) as tmp, tmp.open("w", encoding="utf-8") as out, \
-            Progress(*columns, console=console) as progress:
+    with (written_whole(args.output) if args.output else contextlib.nullcontext()) as tmp, \
+            (tmp.open("w", encoding="utf-8") if tmp else contextlib.nullcontext(sys.stdout)) as out, \
+            Progress(*columns, console=console) as progress:  # progress on stderr: stdout stays pure JSONL
         task = progress.add_task("generate", total=len(rows))
         for answered in answer_rows(session, rows, sampling):
             out.write(json.dumps(answered, ensure_ascii=False) + "\n")
+            out.flush()
             progress.advance(task)
-    console.print(f"{len(rows)} answers written to {args.output}", highlight=False)
+    console.print(f"{len(rows)} answers written to {args.output or 'stdout'}", highlight=False)
     return 0

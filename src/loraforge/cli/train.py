@@ -7,6 +7,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from loraforge.cli.data import dataset_options, dataset_override
 from loraforge.config import RunConfig, load_config, recipe_name
 
 
@@ -19,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 --set lora.r=8 (repeatable)")
+    p.add_argument("--dataset", metavar="PATH", help="train on this dataset (file, glob, save_to_disk folder or Hub "
+                   "id) instead of the recipe's")
+    dataset_options(p)
     p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the newest complete checkpoint of the run directory, or of PATH "
@@ -28,19 +32,28 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from loraforge.errors import UserError
+
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite deletes it; give one of them")
+    args.overrides = list(args.overrides) + dataset_override(args)  # kept in the printed resume command
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
     from loraforge.cli.evaluate import print_result
     from loraforge.evaluate.report import write_report_safely
-    from loraforge.rundir import (CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
+    from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
                                   TENSORBOARD_DIR)
     from loraforge.train.loop import TrainingInterrupted, run_training
     from loraforge.errors import UserError
-    from loraforge.train.resume import discard_if_unstarted, prepare_run_dir, resume_command
+    from loraforge.train.resume import discard_if_unstarted, finished_at, prepare_run_dir, resume_command
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    if finished_at(checkpoint) is not None:
+        console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
+                      f"resume, nothing written. Its adapter: {checkpoint.parent.parent / ADAPTER_DIR}", markup=False)
+        return 0
     evaluation = None
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
@@ -50,7 +63,7 @@ def run(args) -> int:
         console.print(f"\n{stop}\nResume with: {resume_command(args.recipe, args.overrides, run_dir)}",
                       markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
         return 128 + stop.signum
-    except UserError:
+    except Exception:  # bad data, an unwritable disk, a model that will not load...
         if checkpoint is None:  # failed before its first step: leave no folder that blocks the fixed command
             discard_if_unstarted(run_dir)
         raise
@@ -75,6 +88,7 @@ def run(args) -> int:
                   f"checkpoints:            {d / CHECKPOINT_DIR}"
                   + (f"\neval (base vs tuned):   {d / EVAL_FILE}" if evaluation is not None else "")
                   + (f"\nreport:                 {report}" if report else ""))
+    console.print(next_commands(d), markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0
 
@@ -84,6 +98,7 @@ def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
     rows (loss, `eval.metrics`, the first `samples` answers side by side); eval.json, and the answers in
     summary.json."""
     from loraforge.atomic import write_text_whole
+    from loraforge.rundir import SUMMARY_FILE
     from loraforge.evaluate.compare import EvalOptions, evaluate_run
 
     opts = EvalOptions(metrics=list(cfg.eval.metrics) or ["none"], samples=cfg.samples, rows=cfg.eval.rows,
@@ -96,7 +111,7 @@ def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
 
     # The model training left in memory: the same weights `adapter/` reloads to (tests/export/test_agreement.py).
     result = evaluate_run(run_dir, opts, log=say, progress=progress if cfg.eval.metrics else None, model=model)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text())
     summary["samples"] = [{"question": s["question"], "before": s["base"], "after": s["tuned"],
                            "reference": s["reference"]} for s in result["samples"]]
@@ -104,3 +119,12 @@ def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
                        "response_loss": {who: result["loss"]["responses"][who]["loss"] for who in ("base", "tuned")}}
     write_text_whole(summary_path, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return result
+def next_commands(run_dir) -> str:
+    """What to do with a finished run, as commands to copy."""
+    import shlex
+
+    d = shlex.quote(str(run_dir))
+    return (f"\nnext:\n  loraforge eval {d}                      # base vs fine-tuned on the held-out rows\n"
+            f"  loraforge chat {d}                      # talk to it\n"
+            f"  loraforge merge {d} --out {shlex.quote(str(run_dir) + '-merged')}   # one plain transformers model\n"
+            f"  loraforge export gguf {d} --out {shlex.quote(str(run_dir) + '.gguf')}   # for llama.cpp")

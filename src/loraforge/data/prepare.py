@@ -198,7 +198,8 @@ def _all_dropped_message(stats: _Stats, cfg) -> str:
     return (
         f"every training row was dropped: {stats.dropped_long} longer than max_length={cfg.max_length} "
         f"(truncation: {cfg.truncation}), {stats.dropped_empty} with no response token left within max_length. "
-        "Raise data.max_length, or use truncation: truncate, or shorten the prompts."
+        "Raise data.max_length" + (", or use truncation: truncate" if cfg.truncation != "truncate" else "")
+        + ", or shorten the prompts."
     )
 
 

@@ -81,9 +81,12 @@ def write_data_report(prepared, run_dir) -> tuple[Path, Path]:
     """Write data_report.json and data_report.png (lengths next to max_length) into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from loraforge.atomic import write_text_whole, written_whole
+
     json_path, png_path = run_dir / DATA_REPORT_FILE, run_dir / DATA_REPORT_CHART
-    json_path.write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
-    plot_lengths(prepared.lengths, prepared.report["max_length"], png_path)
+    write_text_whole(json_path, json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n")
+    with written_whole(png_path) as tmp:
+        plot_lengths(prepared.lengths, prepared.report["max_length"], tmp)
     return json_path, png_path
 
 
@@ -106,4 +109,4 @@ def plot_lengths(lengths: dict, max_length: int, path: Path) -> None:
     ax.set_ylabel("rows")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")

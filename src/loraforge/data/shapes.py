@@ -22,7 +22,11 @@ REQUIRED = {
 }
 OPTIONAL = {"instruction": ("input", "system"), "input_output": ("system",), "tokens": ("labels",)}
 FIELDS = ("text", "instruction", "input", "output", "messages", "system", "input_ids", "labels")
-ALIASES = {"messages": ("conversations", "conversation")}  # ShareGPT spellings
+ALIASES = {  # other libraries' spellings, used when our own column is absent
+    "messages": ("conversations", "conversation"),  # ShareGPT
+    "input": ("prompt", "question"),  # TRL's prompt/completion; question/answer sets
+    "output": ("completion", "answer"),
+}
 ROLE_NAMES = {
     "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
     "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
@@ -92,8 +96,9 @@ def detect_shape(fields: dict[str, str], columns: list[str], label: str, given: 
     if not found:
         raise UserError(
             f"{label}: cannot tell the dataset's shape from its columns ({', '.join(columns)}). Expected one of: "
-            "text | instruction + output | input + output | messages | input_ids. Map your columns, e.g. "
-            "columns: {input: question, output: answer}, or set format:."
+            "text | instruction + output | input + output (or prompt + completion, question + answer) | "
+            "messages | input_ids. Map your columns in the config, e.g. columns: {input: q, output: a}, or on "
+            "the command line with --dataset PATH --column input=q --column output=a; or set format:."
         )
     raise UserError(
         f"{label}: ambiguous shape: the columns ({', '.join(columns)}) fit {' and '.join(found)}. "

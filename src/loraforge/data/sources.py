@@ -132,6 +132,8 @@ def _load_files(src, files: list[str], split: str, kind: str) -> LoadedSource:
         builder = _builder(f)
         if builder != "parquet" and _blank(f):
             raise UserError(f"{f}: the file is empty. Put one example per line (or row), or remove the file.")
+        if builder != "parquet":
+            _check_utf8(f)
         kwargs = {}
         if builder == "csv":  # read every column as text: numeric-looking answers stay strings
             kwargs["features"] = _csv_string_features(f)
@@ -156,6 +158,29 @@ def _blank(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     return not head.strip() and os.path.getsize(path) <= len(head)
+
+
+def _check_utf8(path: str) -> None:
+    """Text datasets must be UTF-8; the loader would fail later, mid-conversion, without a line number."""
+    import codecs
+
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                pending = decoder.getstate()[0]  # bytes of a character cut at the chunk's edge (never a newline)
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    line += (pending + chunk)[:e.start].count(b"\n")
+                    raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}). "
+                                    "Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove the line.") from None
+                line += chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: ends in the middle of a character: not UTF-8 text. Save the file as UTF-8.") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _concat(parts, label):
@@ -220,7 +245,7 @@ def _load_disk(src, path: str, split: str) -> LoadedSource:
     markers = ("dataset_dict.json", "state.json", "dataset_info.json")
     if not any(os.path.exists(os.path.join(path, m)) for m in markers):
         raise UserError(f"{path} is a folder but not one written by datasets' save_to_disk. "
-                        "Point at the data files instead, e.g. path: '{path}/*.jsonl'.")
+                        f"Point at the data files instead, e.g. path: '{path}/*.jsonl'.")
     try:
         with quiet_datasets(progress=False):
             ds = datasets.load_from_disk(path)

@@ -99,6 +99,14 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset())
             _discard(path)
 
 
+def load_adapter_weights(path: Path, model) -> None:
+    """Only the adapter weights of checkpoint `path` (train.keep_best: the best evaluation's)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(path) / ADAPTER_WEIGHTS)))
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter weights, optimizer, scheduler and RNG; return the trainer state.
 

@@ -29,6 +29,7 @@ from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, TEMPLATE_FILE, checkpoint_name,
                               read_metrics)
 from loraforge.train import checkpoint as ckpt
+from loraforge.train.health import CollapseWatch
 from loraforge.train.loss import mean_token_loss, perplexity
 from loraforge.train.metrics import MetricsLog
 from loraforge.train.optim import build_optimizer, build_scheduler
@@ -140,6 +141,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     step_losses: list[float] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if resume_from else []
     tokens_seen, train_seconds = 0, 0.0
     stopped_early = None
+    collapse = CollapseWatch(len(tokenizer), cfg.train.learning_rate)
     completed = start_step
     with StopOnSignal() as stop, TrainProgress(total_steps, start_step, console) as progress:
         for step in range(start_step, total_steps):
@@ -192,6 +194,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             if device.startswith("cuda"):
                 record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             metrics.log(record)
+            if warning := collapse.check(record):
+                say(warning)
             if step_hook:
                 step_hook(step, record)
             progress.update(step + 1, record)
@@ -229,6 +233,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     metrics.close()
 
     unwrapped = accelerator.unwrap_model(model)
+    _best_or_final(cfg, state, completed, run_dir, unwrapped, say)
     adapter_dir = run_dir / ADAPTER_DIR
     try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
         with written_whole(adapter_dir, folder=True) as tmp:
@@ -253,6 +258,22 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return result
+
+
+def _best_or_final(cfg: RunConfig, state: dict, completed: int, run_dir: Path, model, say) -> None:
+    """When an earlier evaluation was better than the end, say so; with train.keep_best, take its weights."""
+    best = state["best_step"]
+    if best is None or best == completed:
+        return
+    best_dir = run_dir / CHECKPOINT_DIR / checkpoint_name(best)
+    if cfg.train.keep_best:
+        ckpt.load_adapter_weights(best_dir, model)
+        say(f"train.keep_best: the adapter is the best evaluation's (step {best}, eval loss "
+            f"{state['best_eval_loss']:.4f}), not the last step's ({completed})")
+    else:
+        say(f"note: the best eval loss ({state['best_eval_loss']:.4f}) was at step {best}, not at the last step "
+            f"({completed}); the adapter is the last step's. The best is kept in {best_dir} (loraforge eval RUN "
+            f"--adapter {best_dir}); set train.keep_best=true to make it the adapter")
 
 
 def _clip(accelerator, params, max_norm: Optional[float]) -> float:

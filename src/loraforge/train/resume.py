@@ -24,6 +24,7 @@ HARMLESS_KEYS = {
     "description", "output_dir", "samples", "eval.metrics", "eval.max_new_tokens", "eval.rows",
     "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
+    "train.keep_best",
 }
 
 
@@ -113,8 +114,27 @@ def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite:
             raise UserError(f"--overwrite: {run_dir} does not look like a loraforge run directory (no "
                             f"{', '.join(RUN_MARKERS[:3])}), so it is not deleted; choose another --output-dir")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, under a file, under /proc...
+        raise UserError(f"run directory {run_dir} cannot be created: {e.strerror}; "
+                        "choose another --output-dir") from None
     return run_dir, checkpoint
+
+
+def finished_at(checkpoint: Optional[Path]) -> Optional[int]:
+    """The last step of a run that already finished at `checkpoint` (its summary.json says so), else None:
+    resuming it would train nothing and only write the outputs again."""
+    if checkpoint is None or checkpoint.parent.name != CHECKPOINT_DIR:
+        return None
+    import json
+
+    try:
+        steps = json.loads((checkpoint.parent.parent / "summary.json").read_text())["steps"]
+        at = int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return at if isinstance(steps, int) and at >= steps else None
 
 
 def is_unstarted(run_dir: Path) -> bool:

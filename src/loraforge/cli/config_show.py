@@ -1,0 +1,45 @@
+"""`loraforge config show [RECIPE] [--set ...]`: the resolved config, as training would use it, without training."""
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    from loraforge.cli.data import dataset_options
+
+    p = sub.add_parser("config", help="print the resolved config of a recipe (with --set overrides)")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
+    show = csub.add_parser(
+        "show", help="print the resolved config (every key, defaults filled in) without training",
+        description="Load RECIPE (a shipped name or a YAML file; default: demo) with the --set overrides, validate "
+        "it as `loraforge train` would, and print the result as YAML: a starting point for your own recipe. "
+        "Secrets (model.hub_token) are left out.")
+    show.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable)")
+    show.add_argument("--dataset", metavar="PATH", help="use this dataset instead of the recipe's")
+    dataset_options(show)
+    show.add_argument("--out", metavar="FILE.yaml", help="write the YAML to this file instead of printing it")
+    show.add_argument("--force", action="store_true", help="replace an existing --out file")
+    show.set_defaults(handler=run_show)
+
+
+def run_show(args) -> int:
+    import yaml
+
+    from loraforge.cli.data import dataset_override
+    from loraforge.config import load_config
+
+    cfg = load_config(args.recipe, list(args.overrides) + dataset_override(args))
+    text = yaml.safe_dump(cfg.saved_dict(), sort_keys=False, allow_unicode=True)
+    if not args.out:
+        sys.stdout.write(text)
+        return 0
+    from loraforge.atomic import write_text_whole
+    from loraforge.export.paths import check_output
+
+    path = check_output(args.out, args.force)
+    write_text_whole(path, text)
+    print(f"config: {path}")
+    return 0
