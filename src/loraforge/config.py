@@ -128,6 +128,11 @@ class TrainSettings(Section):
     early_stopping_patience: Optional[int] = Field(None, gt=0)
     max_bad_steps: int = Field(0, ge=0, description="NaN/Inf steps to skip before stopping the run.")
     tensorboard: bool = True
+    # Several devices (`loraforge train --devices N`, torchrun or accelerate launch): README "More than one GPU".
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto/ddp: a full copy per device, LoRA gradients all-reduced; fsdp: the (4-bit) base "
+        "sharded across devices (FSDP2). The global batch stays micro_batch_size x gradient_accumulation rows.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters in CPU memory between uses.")
 
 
 class RunConfig(Section):
@@ -143,6 +148,8 @@ class RunConfig(Section):
     def _cross_checks(self):
         if self.train.early_stopping_patience and not self.train.eval_steps:
             raise ValueError("train.early_stopping_patience needs train.eval_steps")
+        if self.train.fsdp_cpu_offload and self.train.distributed != "fsdp":
+            raise ValueError("train.fsdp_cpu_offload needs train.distributed: fsdp")
         return self
 
     def saved_dict(self) -> dict:

@@ -7,6 +7,7 @@ accumulation, clip, step, log, evaluate, checkpoint -> save the adapter and samp
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -27,6 +28,7 @@ from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, 
 from loraforge.model.kernels import apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.train import checkpoint as ckpt
+from loraforge.train import distributed
 from loraforge.train.metrics import MetricsLog, read_metrics
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.plan import BatchPlan, collate, collate_packed, split_by_tokens, trained_tokens
@@ -78,18 +80,20 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     say = console.print if console is not None else print
     run_dir = Path(run_dir)
     set_seed(cfg.train.seed)
-    device = select_device()
+    ranks = distributed.env_ranks(cfg.train.distributed)  # one process per device; rank 0 writes the files
+    device = distributed.start(ranks, select_device())
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     base = resolve_base(cfg.model)
 
     # Data first: a bad row should fail in seconds, not after loading 7B weights.
     tokenizer = load_tokenizer(cfg.model, base)
     data = prepare(cfg.data, tokenizer, log=say)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "template.json").write_text(json.dumps(data.template_record(), indent=1))
-    write_data_report(data, run_dir)
+    if ranks.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "template.json").write_text(json.dumps(data.template_record(), indent=1))
+        write_data_report(data, run_dir)
 
-    model = load_base_model(cfg.model, dtype, device, base)
+    model = load_base_model(cfg.model, dtype, device, base, shardable=ranks.sharded)
     model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
     apply_fast_paths(model, cfg.train, device, say)  # train.fused_layers / liger_kernels / offload_activations
     trainable, total = count_parameters(model)
@@ -97,32 +101,52 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[dtype], cpu=device == "cpu")
+    if ranks.sharded:  # FSDP2 shards in place, before the optimizer sees the parameters
+        model = distributed.shard(model, ranks, cfg.train.fsdp_cpu_offload)
+        model.forward = accelerator.autocast()(model.forward)
     plan = BatchPlan([len(r["input_ids"]) for r in data.train], cfg.train.micro_batch_size,
                      cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length, cfg.train.shuffle)
     make_batch = collate_packed if cfg.train.packing else collate
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model.parameters(), cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if ranks.sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:  # DDP when there are several ranks
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    if ranks.rank:  # the other ranks' dropout draws its own numbers (rank 0 draws what one device would)
+        set_seed(cfg.train.seed + ranks.rank)
 
     state = {"best_eval_loss": None, "best_step": None, "evals_without_gain": 0, "bad_steps": 0}
     start_step = 0
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler))
+        state.update(ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                          rank=ranks.rank, **distributed.checkpoint_loaders(model, optimizer, ranks)))
         start_step = state.pop("step")
+        state.pop("world_size", None)
         say(f"resumed from {resume_from} at step {start_step} of {total_steps}")
-    metrics = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=start_step if resume_from else None)
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=start_step if resume_from else None,
+                         active=ranks.is_main)
     last_checkpoint = resume_from
 
     def save(step: int) -> Path:
         protect = {state["best_step"]} if state["best_step"] is not None else set()
+        parts = dict(adapter_state=distributed.adapter_state(model, ranks),  # gathered on every rank,
+                     optimizer_state=distributed.optimizer_state(model, optimizer, ranks),  # written by rank 0
+                     rngs=distributed.gather(ranks, ckpt.rng_state()))
+        saved = error = None
         try:
-            return ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                        state, cfg.train.save_total_limit, protect)
+            if ranks.is_main:
+                saved = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                             state, cfg.train.save_total_limit, protect, **parts)
         except OSError as e:
-            raise UserError(f"could not write the checkpoint for step {step} in {run_dir}: {e.strerror or e}. "
-                            f"The previous checkpoint ({last_checkpoint}) is intact; free space and resume") from e
+            error = (f"could not write the checkpoint for step {step} in {run_dir}: {e.strerror or e}. "
+                     f"The previous checkpoint ({last_checkpoint}) is intact; free space and resume")
+        saved, error = distributed.broadcast(ranks, (saved, error))
+        if error:
+            raise UserError(error)
+        return saved
 
     def save_once(step: int) -> Path:
         """save(step), unless this step was just saved (a best eval, then a signal or the end)."""
@@ -131,7 +155,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         return save(step)
 
     say(f"training: {len(data.train)} rows, {total_steps} steps of {plan.rows_per_step} rows "
-        f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation), run directory {run_dir}")
+        f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation"
+        + (f", shared by {ranks.world} devices, {ranks.mode}" if ranks.collective else "") + f"), run directory {run_dir}")
     model.train()
     # On resume, the losses before the checkpoint come from the log, so the summary covers the whole run.
     step_losses: list[float] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if resume_from else []
@@ -144,22 +169,23 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                 step_hook(step, None)
             started = time.perf_counter()
             micro_batches = [[data.train[i] for i in rows] for rows in plan.step_rows(step)]
+            n_items = sum(trained_tokens(rows) for rows in micro_batches)  # of the whole step, on every rank
+            split = None
             if cfg.train.max_tokens_per_micro_batch:  # same rows, same loss: only the memory per pass changes
-                micro_batches = [part for rows in micro_batches
-                                 for part in split_by_tokens(rows, cfg.train.max_tokens_per_micro_batch)]
-            n_items = sum(trained_tokens(rows) for rows in micro_batches)
+                split = functools.partial(split_by_tokens, max_tokens=cfg.train.max_tokens_per_micro_batch)
+            passes = distributed.share(micro_batches, ranks, cfg.train.micro_batch_size, split)  # this rank's
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
-            for index, rows in enumerate(micro_batches):
+            for index, (rows, weight) in enumerate(passes):
                 batch = {k: v.to(accelerator.device) for k, v in make_batch(rows, tokenizer.pad_token_id).items()}
-                step_tokens += sum(len(r["input_ids"]) for r in rows)
-                last = index == len(micro_batches) - 1
+                step_tokens += sum(len(r["input_ids"]) for r in rows) if weight else 0
+                last = index == len(passes) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    loss = micro_batch_loss(model, batch, n_items)
-                    accelerator.backward(loss)
+                    loss = micro_batch_loss(model, batch, n_items) * weight
+                    accelerator.backward(loss * distributed.gradient_scale(ranks))
                 step_loss += loss.detach().float()
+            loss_value, step_tokens, signum = distributed.step_totals(ranks, step_loss, step_tokens, stop.signum)
             grad_norm = _clip(accelerator, params, cfg.train.max_grad_norm)
-            loss_value = float(step_loss)
 
             if not math.isfinite(loss_value) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
                 state["bad_steps"] += 1
@@ -213,10 +239,10 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                         say(stopped_early)
                         total_steps = step + 1
 
-            if stop.requested:
+            if signum:  # a signal on any rank stops every rank after this same step
                 last_checkpoint = save_once(step + 1)
                 metrics.close()
-                raise TrainingInterrupted(stop.signum, step + 1, last_checkpoint)
+                raise TrainingInterrupted(signum, step + 1, last_checkpoint)
             if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
                 last_checkpoint = save(step + 1)
             if stopped_early:
@@ -227,15 +253,26 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     unwrapped = accelerator.unwrap_model(model)
     adapter_dir = run_dir / "adapter"
+    adapter_weights, error = distributed.adapter_state(model, ranks), None
     try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
-        with written_whole(adapter_dir, folder=True) as tmp:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "template.json").write_text((run_dir / "template.json").read_text())
+        if ranks.is_main:
+            with written_whole(adapter_dir, folder=True) as tmp:
+                unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_weights)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "template.json").write_text((run_dir / "template.json").read_text())
     except OSError as e:
-        raise UserError(f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
-                        f"{last_checkpoint} is complete: free space and run the same command with --resume") from e
-    samples = sample_answers(unwrapped, tokenizer, data, cfg.samples)
+        error = (f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
+                 f"{last_checkpoint} is complete: free space and run the same command with --resume")
+    if distributed.broadcast(ranks, error):
+        raise UserError(error or "rank 0 could not write the adapter")
+    peaks = distributed.gather(ranks, distributed.peak_memory_gib(device))
+    if not ranks.is_main:
+        return None
+    if ranks.sharded and ranks.world > 1 and cfg.samples:
+        say("sample answers skipped: the model is sharded over the devices; try the adapter with `loraforge chat`")
+        samples = []
+    else:
+        samples = sample_answers(unwrapped, tokenizer, data, cfg.samples)
     window = max(1, len(step_losses) // 10)
     result = TrainResult(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=completed,
@@ -248,6 +285,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
+    if ranks.collective:
+        summary.update(devices=ranks.world, distributed=ranks.mode, peak_mem_gib_per_rank=peaks)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
 
@@ -270,10 +309,10 @@ def sample_answers(model, tokenizer, data, count: int) -> list[dict]:
 
 def _clip(accelerator, params, max_norm: Optional[float]) -> float:
     if max_norm:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        return float(distributed.full(accelerator.clip_grad_norm_(params, max_norm)))
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    grads = [distributed.full(p.grad.detach().float().norm()) for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
