@@ -252,6 +252,15 @@ def check_world(checkpoint: Optional[Path], world: int) -> None:
                         f"{world}; resume it on the same number ({how}) to continue it exactly")
 
 
+def parameter_bytes(model) -> int:
+    """Bytes of parameters this rank holds: its shards under FSDP, everything under DDP."""
+    held = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        held += local.numel() * local.element_size()
+    return held
+
+
 def peak_memory_gib(device: str) -> Optional[float]:
     """Peak memory of this rank's device in GiB (CUDA), else None."""
     if device.startswith("cuda"):

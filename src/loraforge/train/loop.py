@@ -265,7 +265,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                  f"{last_checkpoint} is complete: free space and run the same command with --resume")
     if distributed.broadcast(ranks, error):
         raise UserError(error or "rank 0 could not write the adapter")
-    peaks = distributed.gather(ranks, distributed.peak_memory_gib(device))
+    memory = distributed.gather(ranks, {"peak_mem_gib": distributed.peak_memory_gib(device),
+                                        "parameter_bytes": distributed.parameter_bytes(model)})
     if not ranks.is_main:
         return None
     if ranks.sharded and ranks.world > 1 and cfg.samples:
@@ -286,7 +287,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
     if ranks.collective:
-        summary.update(devices=ranks.world, distributed=ranks.mode, peak_mem_gib_per_rank=peaks)
+        summary.update(devices=ranks.world, distributed=ranks.mode, memory_per_rank=memory)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return result
 
