@@ -150,6 +150,12 @@ class RunConfig(Section):
             raise ValueError("train.early_stopping_patience needs train.eval_steps")
         if self.train.fsdp_cpu_offload and self.train.distributed != "fsdp":
             raise ValueError("train.fsdp_cpu_offload needs train.distributed: fsdp")
+        fused = [k for k, v in (("fused_layers", self.train.fused_layers == "on"),
+                                ("liger_kernels", self.train.liger_kernels == "on"),
+                                ("offload_activations", self.train.offload_activations)) if v]
+        if self.train.distributed == "fsdp" and fused:
+            raise ValueError(f"train.{fused[0]} needs the fused forward, which reads whole weights: it does not run "
+                             "with train.distributed: fsdp (sharded weights); leave it 'auto'/false, or use ddp")
         return self
 
     def saved_dict(self) -> dict:

@@ -110,3 +110,13 @@ def test_saved_config_never_holds_the_hub_token():
     cfg = load_config("demo", ["model.hub_token=hf_secret123"])
     assert cfg.model.hub_token == "hf_secret123"
     assert "hf_secret123" not in yaml.safe_dump(cfg.saved_dict())
+
+
+def test_distributed_settings_that_cannot_work_together_are_refused():
+    assert load_config("tiny", ["train.distributed=fsdp", "train.fsdp_cpu_offload=true"]).train.distributed == "fsdp"
+    with pytest.raises(UserError, match=r"train.fsdp_cpu_offload needs train.distributed: fsdp"):
+        load_config("tiny", ["train.fsdp_cpu_offload=true"])
+    with pytest.raises(UserError, match=r"train.fused_layers needs the fused forward.*fsdp"):
+        load_config("tiny", ["train.distributed=fsdp", "train.fused_layers=on"])
+    with pytest.raises(UserError, match=r"train.distributed: .*'zero3'"):
+        load_config("tiny", ["train.distributed=zero3"])

@@ -45,10 +45,15 @@ def run(args) -> int:
 
 
 def _launch(args, cfg, devices: int) -> int:
+    from loraforge.errors import UserError
     from loraforge.train import distributed
     from loraforge.train.launch import launch
     from loraforge.train.rundir import prepare_run_dir
 
+    import torch
+
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise UserError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
     # Settled once, here: every mistake is reported before N processes start, and all ranks get one folder.
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
     distributed.check_world(checkpoint, devices)
@@ -72,24 +77,27 @@ def _run_rank(args, cfg) -> int:
                         "leave --devices out under torchrun / accelerate launch")
     distributed.start(ranks, select_device())
     try:
-        outcome = None
-        if ranks.is_main:
-            try:
-                outcome = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
-                distributed.check_world(outcome[1], ranks.world)
-            except UserError as e:
-                outcome = str(e)
-        outcome = distributed.broadcast(ranks, outcome)
-        if isinstance(outcome, str):
-            if ranks.is_main:
-                raise UserError(outcome)
-            return 2
         try:
-            return _train(args, cfg, ranks, outcome)
-        except UserError:
+            outcome = None
             if ranks.is_main:
-                raise
-            return 2  # rank 0 says what is wrong
+                try:
+                    outcome = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+                    distributed.check_world(outcome[1], ranks.world)
+                except UserError as e:
+                    outcome = str(e)
+            outcome = distributed.broadcast(ranks, outcome)
+            if isinstance(outcome, str):
+                raise UserError(outcome)
+            status = _train(args, cfg, ranks, outcome)
+        except UserError as e:
+            if ranks.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            status = e.exit_code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The others wait for rank 0's last words: the launcher stops every rank once one has ended.
+        distributed.barrier(ranks)
+        return status
     except dist.DistError as e:  # another rank died: say so instead of a traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"rank {ranks.rank}: lost contact with the other ranks ({first}); stopping", file=sys.stderr)

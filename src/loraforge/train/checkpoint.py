@@ -153,7 +153,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int = 0, s
     from safetensors.torch import load_file
 
     path = Path(path)
-    missing = [f for f in (*REQUIRED_FILES, rng_file(rank)) if not (path / f).is_file()]
+    missing = [f for f in (*REQUIRED_FILES, *([rng_file(rank)] if rank else [])) if not (path / f).is_file()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); "
                         f"resume from an earlier one in {path.parent}")

@@ -18,6 +18,7 @@ rank's random state (`rng-rank{r}.pt`) and the world size, which a resume must m
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -55,11 +56,14 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: start() removes accelerate's FSDP switch
 def env_ranks(distributed: str) -> Ranks:
     if not launched():
         return Ranks()
     world = int(os.environ["WORLD_SIZE"])
-    mode = "fsdp" if distributed == "fsdp" else ("ddp" if world > 1 else "single")
+    # `accelerate launch` with an FSDP config means fsdp unless the config says otherwise.
+    from_accelerate = distributed == "auto" and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    mode = "fsdp" if distributed == "fsdp" or from_accelerate else ("ddp" if world > 1 else "single")
     return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", 0)), mode)
 
 
@@ -67,6 +71,7 @@ def start(ranks: Ranks, device: str) -> str:
     """Join the process group; return this rank's device ("cuda:LOCAL_RANK" on GPUs)."""
     import torch.distributed as dist
 
+    os.environ.pop("ACCELERATE_USE_FSDP", None)  # loraforge shards the model itself (shard below)
     if device.startswith("cuda") and ranks.collective:
         torch.cuda.set_device(ranks.local_rank)
         device = f"cuda:{ranks.local_rank}"
@@ -225,6 +230,12 @@ def full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def checkpoint_parts(model, optimizer, ranks: Ranks, rng: dict) -> dict:
+    """save_checkpoint's gathered parts (every rank calls this; rank 0 writes them)."""
+    return dict(adapter_state=adapter_state(model, ranks), optimizer_state=optimizer_state(model, optimizer, ranks),
+                rngs=gather(ranks, rng))
+
+
 def checkpoint_loaders(model, optimizer, ranks: Ranks) -> dict:
     """load_checkpoint's loaders for a sharded model; none (the plain ones) otherwise."""
     if not ranks.sharded:
@@ -252,13 +263,14 @@ def check_world(checkpoint: Optional[Path], world: int) -> None:
                         f"{world}; resume it on the same number ({how}) to continue it exactly")
 
 
-def parameter_bytes(model) -> int:
-    """Bytes of parameters this rank holds: its shards under FSDP, everything under DDP."""
-    held = 0
+def parameter_bytes(model) -> dict:
+    """Bytes of parameters this rank holds (its shards under FSDP, everything under DDP), of the model's."""
+    held = whole = 0
     for p in model.parameters():
         local = p.to_local() if hasattr(p, "to_local") else p
         held += local.numel() * local.element_size()
-    return held
+        whole += p.numel() * p.element_size()
+    return {"parameter_bytes": held, "model_parameter_bytes": whole}
 
 
 def peak_memory_gib(device: str) -> Optional[float]:

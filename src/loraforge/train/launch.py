@@ -38,10 +38,12 @@ def launch(devices: int, worker_args: list[str], say) -> int:
     except SignalException as e:  # the ranks got the signal too and stopped with a checkpoint (rank 0 said where)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        if set(codes.values()) <= STOP_CODES:  # a signal sent to a rank: all stopped after one step
-            return max(codes.values())
-        if set(codes.values()) == {2}:  # a mistake in the input: rank 0 printed it
+        codes = {failure.exitcode for failure in e.failures.values()}
+        # Ranks that had already said their last word may be ended by the launcher's SIGTERM.
+        chosen = codes - {-signal.SIGTERM}
+        if chosen and chosen <= STOP_CODES:  # a signal sent to a rank: all stopped after one step
+            return max(chosen)
+        if chosen == {2}:  # a mistake in the input: rank 0 printed it
             return 2
         rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0

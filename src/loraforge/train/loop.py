@@ -72,9 +72,10 @@ def micro_batch_loss(model, batch: dict, n_items: int) -> torch.Tensor:
 
 
 def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = None, console=None,
-                 step_hook: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+                 step_hook: Optional[Callable[[int, dict], None]] = None) -> Optional[TrainResult]:
     """Train as `cfg` says into `run_dir`; `step_hook(step, record)` is called before each step
-    (record None) and after it (the step's metrics), e.g. by the benchmark to time steps."""
+    (record None) and after it (the step's metrics), e.g. by the benchmark to time steps.
+    On a rank other than 0 of a multi-device run (train/distributed.py) it returns None."""
     from loraforge.data import prepare, write_data_report
 
     say = console.print if console is not None else print
@@ -95,7 +96,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     model = load_base_model(cfg.model, dtype, device, base, shardable=ranks.sharded)
     model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    apply_fast_paths(model, cfg.train, device, say)  # train.fused_layers / liger_kernels / offload_activations
+    if not ranks.sharded:  # the fused forward reads whole weights; FSDP's are sharded (config.py refuses 'on')
+        apply_fast_paths(model, cfg.train, device, say)  # train.fused_layers / liger_kernels / offload_activations
     trainable, total = count_parameters(model)
     say(f"model: {base} ({cfg.model.quantization}, compute {str(dtype).removeprefix('torch.')}, {device}); "
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -132,9 +134,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
     def save(step: int) -> Path:
         protect = {state["best_step"]} if state["best_step"] is not None else set()
-        parts = dict(adapter_state=distributed.adapter_state(model, ranks),  # gathered on every rank,
-                     optimizer_state=distributed.optimizer_state(model, optimizer, ranks),  # written by rank 0
-                     rngs=distributed.gather(ranks, ckpt.rng_state()))
+        parts = distributed.checkpoint_parts(model, optimizer, ranks, ckpt.rng_state())  # every rank's share
         saved = error = None
         try:
             if ranks.is_main:
@@ -163,7 +163,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     tokens_seen, train_seconds = 0, 0.0
     stopped_early = None
     completed = start_step
-    with StopOnSignal() as stop, TrainProgress(total_steps, start_step, console) as progress:
+    with StopOnSignal(announce=ranks.is_main) as stop, TrainProgress(total_steps, start_step, console) as progress:
         for step in range(start_step, total_steps):
             if step_hook:
                 step_hook(step, None)
@@ -224,6 +224,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             if cfg.train.eval_steps and data.eval and ((step + 1) % cfg.train.eval_steps == 0 or step + 1 == total_steps):
                 eval_loss, _ = mean_token_loss(model, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id,
                                                accelerator.device)
+                eval_loss = distributed.broadcast(ranks, eval_loss)  # one value decides for all ranks
                 improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
                 metrics.log({"step": step + 1, "eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)})
                 say(f"step {step + 1}: eval loss {eval_loss:.4f} (perplexity {perplexity(eval_loss):.2f})"
@@ -266,7 +267,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     if distributed.broadcast(ranks, error):
         raise UserError(error or "rank 0 could not write the adapter")
     memory = distributed.gather(ranks, {"peak_mem_gib": distributed.peak_memory_gib(device),
-                                        "parameter_bytes": distributed.parameter_bytes(model)})
+                                        **distributed.parameter_bytes(model)})
     if not ranks.is_main:
         return None
     if ranks.sharded and ranks.world > 1 and cfg.samples:
