@@ -26,7 +26,7 @@ def launch(devices: int, worker_args: list[str], say) -> int:
 
     for name in list(logging.root.manager.loggerDict):  # each of torch's elastic modules sets its own level
         if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher")):
-            logging.getLogger(name).setLevel(logging.ERROR)  # our own message says what happened
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # our own message says what happened
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: N ranks must not each take every core
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=f"loraforge-{uuid.uuid4().hex[:8]}",
