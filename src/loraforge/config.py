@@ -146,6 +146,11 @@ class TrainSettings(Section):
     keep_best: bool = Field(False, description="The adapter is the best evaluation's checkpoint, not the last step's.")
     max_bad_steps: int = Field(0, ge=0, description="NaN/Inf steps to skip before stopping the run.")
     tensorboard: bool = True
+    # Several devices (`loraforge train --devices N`, torchrun or accelerate launch): README "More than one GPU".
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto/ddp: a full copy per device, LoRA gradients all-reduced; fsdp: the (4-bit) base "
+        "sharded across devices (FSDP2). The global batch stays micro_batch_size x gradient_accumulation rows.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters in CPU memory between uses.")
 
 
 class EvalSettings(Section):
@@ -201,6 +206,13 @@ def cross_check(cfg: "RunConfig") -> list[str]:
     if t.offload_activations == "on" and not t.gradient_checkpointing:
         problems.append("train.offload_activations: on offloads the layer checkpoints, so it needs "
                         "train.gradient_checkpointing: true")
+    if t.fsdp_cpu_offload and t.distributed != "fsdp":
+        problems.append("train.fsdp_cpu_offload: needs train.distributed: fsdp")
+    if t.distributed == "fsdp":
+        for key in ("fused_layers", "liger_kernels", "offload_activations"):
+            if getattr(t, key) == "on":
+                problems.append(f"train.{key}: on needs the fused forward, which reads whole weights: it does not "
+                                "run with train.distributed: fsdp (sharded weights); leave it 'auto', or use ddp")
     if t.fused_layers == "on":
         if cfg.model.quantization == "int8":
             problems.append("train.fused_layers: on does not run bitsandbytes 8-bit layers "

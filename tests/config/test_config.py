@@ -138,3 +138,11 @@ def test_fast_path_contradictions_fail_at_load_time_all_at_once(monkeypatch):
         assert f"  - {line}" in text
     with pytest.raises(UserError, match="train.fused_layers: on does not run DoRA"):
         load_config("tiny", ["train.fused_layers=on", "lora.use_dora=true"])
+def test_distributed_settings_that_cannot_work_together_are_refused():
+    assert load_config("tiny", ["train.distributed=fsdp", "train.fsdp_cpu_offload=true"]).train.distributed == "fsdp"
+    with pytest.raises(UserError, match=r"train.fsdp_cpu_offload: needs train.distributed: fsdp"):
+        load_config("tiny", ["train.fsdp_cpu_offload=true"])
+    with pytest.raises(UserError, match=r"train.fused_layers: on needs the fused forward.*fsdp"):
+        load_config("tiny", ["train.distributed=fsdp", "train.fused_layers=on"])
+    with pytest.raises(UserError, match=r"train.distributed: .*'zero3'"):
+        load_config("tiny", ["train.distributed=zero3"])

@@ -28,6 +28,9 @@ def register(sub) -> None:
                    help="continue from the newest complete checkpoint of the run directory, or of PATH "
                    "(a run directory or one checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run directory")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="train on N devices (GPUs; on a CPU, N processes): train.distributed picks ddp or fsdp. "
+                   "Under torchrun / accelerate launch it is not needed")
     p.set_defaults(handler=run)
 
 
@@ -40,16 +43,95 @@ def run(args) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
 
+    from loraforge.errors import UserError
+    from loraforge.train import distributed
+
+    if args.devices is not None and args.devices < 1:
+        raise UserError(f"--devices {args.devices}: give a number of devices, 1 or more")
+    if distributed.launched():  # started by torchrun / accelerate launch / --devices: one rank of the run
+        return _run_rank(args, cfg)
+    if args.devices or cfg.train.distributed == "fsdp":  # fsdp needs a process group, even on one device
+        return _launch(args, cfg, args.devices or 1)
+    return _train(args, cfg, distributed.Ranks())
+
+
+def _launch(args, cfg, devices: int) -> int:
+    from loraforge.errors import UserError
+    from loraforge.train import distributed
+    from loraforge.train.launch import launch
+    from loraforge.train.resume import prepare_run_dir
+
+    import torch
+
+    if torch.cuda.is_available() and devices > torch.cuda.device_count():
+        raise UserError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
+    # Settled once, here: every mistake is reported before N processes start, and all ranks get one folder.
+    run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    distributed.check_world(checkpoint, devices)
+    worker = ([args.recipe] if args.recipe else []) + [x for o in args.overrides for x in ("--set", o)]
+    worker += ["--output-dir", str(run_dir)] + (["--resume", str(checkpoint)] if checkpoint else [])
+    return launch(devices, worker, say=lambda m: print(m, file=sys.stderr))
+
+
+def _run_rank(args, cfg) -> int:
+    """One rank of a multi-device run: rank 0 settles the run directory and writes everything."""
+    import torch.distributed as dist
+
+    from loraforge.errors import UserError
+    from loraforge.model.load import select_device
+    from loraforge.train import distributed
+    from loraforge.train.resume import prepare_run_dir
+
+    ranks = distributed.env_ranks(cfg.train.distributed)
+    if args.devices and args.devices != ranks.world:
+        raise UserError(f"--devices {args.devices}, but the launcher started {ranks.world} processes (WORLD_SIZE); "
+                        "leave --devices out under torchrun / accelerate launch")
+    distributed.start(ranks, select_device())
+    try:
+        try:
+            outcome = None
+            if ranks.is_main:
+                try:
+                    outcome = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+                    distributed.check_world(outcome[1], ranks.world)
+                except UserError as e:
+                    outcome = str(e)
+            outcome = distributed.broadcast(ranks, outcome)
+            if isinstance(outcome, str):
+                raise UserError(outcome)
+            status = _train(args, cfg, ranks, outcome)
+        except UserError as e:
+            if ranks.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            status = e.exit_code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The others wait for rank 0's last words: the launcher stops every rank once one has ended.
+        distributed.barrier(ranks)
+        return status
+    except dist.DistError as e:  # another rank died: say so instead of a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"rank {ranks.rank}: lost contact with the other ranks ({first}); stopping", file=sys.stderr)
+        return 1
+    finally:
+        distributed.stop()
+
+
+def _train(args, cfg, ranks, prepared=None) -> int:
     from loraforge.cli.evaluate import print_result
+    from loraforge.errors import UserError
     from loraforge.evaluate.report import write_report_safely
     from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
                                   TENSORBOARD_DIR)
     from loraforge.train.loop import TrainingInterrupted, run_training
-    from loraforge.errors import UserError
     from loraforge.train.resume import discard_if_unstarted, finished_at, prepare_run_dir, resume_command
+    from loraforge.train import distributed
 
-    console = Console(stderr=False, highlight=False)
-    run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    console = Console(stderr=False, highlight=False, quiet=not ranks.is_main)
+    if prepared is None:
+        prepared = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+        distributed.check_world(prepared[1], 1)
+    run_dir, checkpoint = prepared
     if finished_at(checkpoint) is not None:
         console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
                       f"resume, nothing written. Its adapter: {checkpoint.parent.parent / ADAPTER_DIR}", markup=False)
@@ -57,20 +139,25 @@ def run(args) -> int:
     evaluation = None
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
-        if cfg.samples or cfg.eval.metrics:
-            evaluation = evaluate_after_training(cfg, run_dir, console, result.model)
+        if result is not None and (cfg.samples or cfg.eval.metrics):  # rank 0 only; a sharded model is reloaded
+            evaluation = evaluate_after_training(cfg, run_dir, console, None if ranks.sharded else result.model)
     except TrainingInterrupted as stop:
-        console.print(f"\n{stop}\nResume with: {resume_command(args.recipe, args.overrides, run_dir)}",
+        command = resume_command(args.recipe, args.overrides, run_dir)
+        if ranks.collective:
+            command += f" --devices {ranks.world}"
+        console.print(f"\n{stop}\nResume with: {command}",
                       markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
         return 128 + stop.signum
     except Exception:  # bad data, an unwritable disk, a model that will not load...
-        if checkpoint is None:  # failed before its first step: leave no folder that blocks the fixed command
+        if checkpoint is None and ranks.is_main:  # failed before its first step: leave no folder that blocks the fixed command
             discard_if_unstarted(run_dir)
         raise
     finally:  # finished, stopped or failed: report.html shows how far the run got
         # ...but not after a second Ctrl-C/SIGTERM (SystemExit): that one means exit at once.
-        report = None if isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)) else \
+        report = None if isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)) or not ranks.is_main else \
             write_report_safely(run_dir, say=lambda m: console.print(m, markup=False))
+    if result is None:  # a rank other than 0: rank 0 reports
+        return 0
 
     console.print(f"\n[bold]done[/bold]: {result.steps} steps, loss {result.first_losses:.3f} (first 10%) -> "
                   f"{result.last_losses:.3f} (last 10%), {result.tokens_per_s:.0f} tokens/s")

@@ -80,7 +80,9 @@ def load_tokenizer(cfg: ModelSettings, base: Optional[str] = None):
     return tok
 
 
-def quantization_config(cfg: ModelSettings, dtype: torch.dtype):
+def quantization_config(cfg: ModelSettings, dtype: torch.dtype, shardable: bool = False):
+    """bitsandbytes settings; `shardable` stores the 4-bit values in the compute dtype (quant_storage), which
+    FSDP needs to shard them alongside the other weights (train/distributed.py)."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "none":
@@ -88,11 +90,12 @@ def quantization_config(cfg: ModelSettings, dtype: torch.dtype):
     if cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
-                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype if shardable else torch.uint8)
 
 
 def load_base_model(cfg: ModelSettings, dtype: torch.dtype, device: str, base: Optional[str] = None,
-                    quantize: bool = True):
+                    quantize: bool = True, shardable: bool = False):
     """The base model on `device`, quantized as configured (quantize=False loads 16/32-bit, e.g. for merging)."""
     from transformers import AutoModelForCausalLM
 
@@ -102,7 +105,7 @@ def load_base_model(cfg: ModelSettings, dtype: torch.dtype, device: str, base: O
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype, device_map={"": device}, attn_implementation=cfg.attention, use_safetensors=True,
-            quantization_config=quantization_config(cfg, dtype) if quantize else None, **_hub_kwargs(cfg))
+            quantization_config=quantization_config(cfg, dtype, shardable) if quantize else None, **_hub_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise _explain_load_failure("weights", base, e) from e
     model.config.use_cache = False

@@ -68,10 +68,11 @@ def attach_lora(model: nn.Module, cfg: LoraSettings, gradient_checkpointing: boo
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total); 4-bit weights count as the number of values they hold."""
+    """(trainable, total); 4-bit weights count as the number of values they hold (whatever their storage dtype)."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        quant_state = getattr(p, "quant_state", None)
+        n = quant_state.shape.numel() if quant_state is not None else p.numel() * (2 if p.dtype == torch.uint8 else 1)
         total += n
         if p.requires_grad:
             trainable += n

@@ -70,23 +70,29 @@ def _clean_scratch(root: Path, keep: Path | None = None) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    keep: int, protect: set[int] = frozenset()) -> Path:
+                    keep: int, protect: set[int] = frozenset(), *, adapter_state: dict | None = None,
+                    optimizer_state: dict | None = None, rngs: list[dict] | None = None) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep` (and `protect`ed steps).
 
     The previous checkpoints are untouched until the new one is complete; any OSError (a full disk)
-    propagates after the partial folder is removed.
+    propagates after the partial folder is removed. Several ranks (train/distributed.py): rank 0
+    writes the gathered `adapter_state` / `optimizer_state` and every rank's random state `rngs`.
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     _clean_scratch(root)
     final = root / checkpoint_name(step)
     with written_whole(final, folder=True) as tmp:
-        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
-        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER_FILE)
+        model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, state_dict=adapter_state)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                   tmp / CHECKPOINT_OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / CHECKPOINT_SCHEDULER_FILE)
-        torch.save(rng_state(), tmp / CHECKPOINT_RNG_FILE)
+        rngs = rngs or [rng_state()]
+        for rank, state in enumerate(rngs):
+            torch.save(state, tmp / rng_file(rank))
         # Written last: a folder with this file was complete when the rename happened.
-        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step), indent=1))
+        world = {"world_size": len(rngs)} if len(rngs) > 1 else {}
+        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step, **world), indent=1))
     prune_checkpoints(run_dir, keep, protect | {step})
     return final
 
@@ -104,14 +110,20 @@ def load_adapter_weights(path: Path, model) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(Path(path) / ADAPTER_WEIGHTS)))
+    set_peft_model_state_dict(model, load_file(str(Path(path) / CHECKPOINT_ADAPTER_WEIGHTS)))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter weights, optimizer, scheduler and RNG; return the trainer state.
+def rng_file(rank: int) -> str:
+    return CHECKPOINT_RNG_FILE if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int = 0, set_adapter=None,
+                    set_optimizer=None) -> dict:
+    """Restore adapter weights, optimizer, scheduler and RNG (this `rank`'s); return the trainer state.
 
     Everything loads with `weights_only=True` or safetensors; a missing or unreadable file is a
-    UserError naming it.
+    UserError naming it. `set_adapter(weights)` / `set_optimizer(state)` replace the plain loading
+    (a sharded model, train/distributed.py).
     """
     import pickle
 
@@ -120,20 +132,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    missing = [f for f in (*CHECKPOINT_FILES, *([rng_file(rank)] if rank else [])) if not (path / f).is_file()]
     if missing:
         raise UserError(f"checkpoint {path} is incomplete (no {', '.join(missing)}); "
                         f"resume from an earlier one in {path.parent}")
     try:
         weights = load_file(str(path / CHECKPOINT_ADAPTER_WEIGHTS))
-        result = set_peft_model_state_dict(model, weights)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise UserError(f"checkpoint {path}: the adapter has weights this model does not ({unexpected[0]}, ...); "
-                            "it was saved with different lora settings")
-        optimizer.load_state_dict(torch.load(path / CHECKPOINT_OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+        if set_adapter is not None:
+            set_adapter(weights)
+        else:
+            result = set_peft_model_state_dict(model, weights)
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise UserError(f"checkpoint {path}: the adapter has weights this model does not ({unexpected[0]}, "
+                                "...); it was saved with different lora settings")
+        optimizer_state = torch.load(path / CHECKPOINT_OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        (set_optimizer or optimizer.load_state_dict)(optimizer_state)
         scheduler.load_state_dict(torch.load(path / CHECKPOINT_SCHEDULER_FILE, weights_only=True))
-        set_rng_state(torch.load(path / CHECKPOINT_RNG_FILE, weights_only=True))
+        set_rng_state(torch.load(path / rng_file(rank), weights_only=True))
         return json.loads((path / CHECKPOINT_STATE_FILE).read_text())
     except UserError:
         raise

@@ -8,6 +8,7 @@ the base-vs-tuned evaluation that end `loraforge train` are the cli's: it runs `
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -24,11 +25,12 @@ from loraforge.config import RunConfig, save_config
 from loraforge.environment import environment_info
 from loraforge.errors import UserError
 from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, resolve_dtype, select_device
-from loraforge.model.fused import apply_fast_paths
+from loraforge.model.fused import FastPathReport, apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, TEMPLATE_FILE, checkpoint_name,
                               read_metrics)
 from loraforge.train import checkpoint as ckpt
+from loraforge.train import distributed
 from loraforge.train.health import CollapseWatch
 from loraforge.train.loss import mean_token_loss, perplexity
 from loraforge.train.metrics import MetricsLog
@@ -74,59 +76,85 @@ def micro_batch_loss(model, batch: dict, n_items: int) -> torch.Tensor:
 
 
 def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = None, console=None,
-                 step_hook: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+                 step_hook: Optional[Callable[[int, dict], None]] = None) -> Optional[TrainResult]:
     """Train as `cfg` says into `run_dir`; `step_hook(step, record)` is called before each step
-    (record None) and after it (the step's metrics), e.g. by the benchmark to time steps."""
+    (record None) and after it (the step's metrics), e.g. by the benchmark to time steps.
+    On a rank other than 0 of a multi-device run (train/distributed.py) it returns None."""
     from loraforge.data import prepare, write_data_report
 
     say = console.print if console is not None else print
     run_dir = Path(run_dir)
     set_seed(cfg.train.seed)
-    device = select_device()
+    ranks = distributed.env_ranks(cfg.train.distributed)  # one process per device; rank 0 writes the files
+    device = distributed.start(ranks, select_device())
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     base = resolve_base(cfg.model)
 
     # Data first: a bad row should fail in seconds, not after loading 7B weights.
     tokenizer = load_tokenizer(cfg.model, base)
     data = prepare(cfg.data, tokenizer, log=say)
-    save_config(cfg, run_dir / CONFIG_FILE)
-    (run_dir / TEMPLATE_FILE).write_text(json.dumps(data.template_record(), indent=1))
-    write_data_report(data, run_dir)
+    if ranks.is_main:
+        save_config(cfg, run_dir / CONFIG_FILE)
+        (run_dir / TEMPLATE_FILE).write_text(json.dumps(data.template_record(), indent=1))
+        write_data_report(data, run_dir)
 
-    model = load_base_model(cfg.model, dtype, device, base)
+    model = load_base_model(cfg.model, dtype, device, base, shardable=ranks.sharded)
     model = attach_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    fast_paths = apply_fast_paths(model, cfg.train, device, say)  # what is on, and why anything is off
+    if ranks.sharded:  # the fused forward reads whole weights; FSDP's are sharded (config.py refuses 'on')
+        fast_paths = FastPathReport(off={"fused layers": "train.distributed: fsdp (the weights are sharded)"})
+        say("fast paths off: fused layers (train.distributed: fsdp shards the weights); training runs the plain "
+            "transformers + PEFT forward")
+    else:
+        fast_paths = apply_fast_paths(model, cfg.train, device, say)  # what is on, and why anything is off
     trainable, total = count_parameters(model)
     say(f"model: {base} ({cfg.model.quantization}, compute {str(dtype).removeprefix('torch.')}, {device}); "
         f"LoRA r={cfg.lora.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     accelerator = Accelerator(mixed_precision=MIXED_PRECISION[dtype], cpu=device == "cpu")
+    if ranks.sharded:  # FSDP2 shards in place, before the optimizer sees the parameters
+        model = distributed.shard(model, ranks, cfg.train.fsdp_cpu_offload)
+        model.forward = accelerator.autocast()(model.forward)
     plan = BatchPlan([len(r["input_ids"]) for r in data.train], cfg.train.micro_batch_size,
                      cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length, cfg.train.shuffle)
     make_batch = collate_packed if cfg.train.packing else collate
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model.parameters(), cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if ranks.sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:  # DDP when there are several ranks
+        model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    if ranks.rank:  # the other ranks' dropout draws its own numbers (rank 0 draws what one device would)
+        set_seed(cfg.train.seed + ranks.rank)
 
     state = {"best_eval_loss": None, "best_step": None, "evals_without_gain": 0, "bad_steps": 0}
     start_step = 0
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler))
+        state.update(ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler,
+                                          rank=ranks.rank, **distributed.checkpoint_loaders(model, optimizer, ranks)))
         start_step = state.pop("step")
+        state.pop("world_size", None)
         say(f"resumed from {resume_from} at step {start_step} of {total_steps}")
-    metrics = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=start_step if resume_from else None)
+    metrics = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=start_step if resume_from else None,
+                         active=ranks.is_main)
     last_checkpoint = resume_from
 
     def save(step: int) -> Path:
         protect = {state["best_step"]} if state["best_step"] is not None else set()
+        parts = distributed.checkpoint_parts(model, optimizer, ranks, ckpt.rng_state())  # every rank's share
+        saved = error = None
         try:
-            return ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
-                                        state, cfg.train.save_total_limit, protect)
+            if ranks.is_main:
+                saved = ckpt.save_checkpoint(run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                             state, cfg.train.save_total_limit, protect, **parts)
         except OSError as e:
-            raise UserError(f"could not write the checkpoint for step {step} in {run_dir}: {e.strerror or e}. "
-                            f"The previous checkpoint ({last_checkpoint}) is intact; free space and resume") from e
+            error = (f"could not write the checkpoint for step {step} in {run_dir}: {e.strerror or e}. "
+                     f"The previous checkpoint ({last_checkpoint}) is intact; free space and resume")
+        saved, error = distributed.broadcast(ranks, (saved, error))
+        if error:
+            raise UserError(error)
+        return saved
 
     def save_once(step: int) -> Path:
         """save(step), unless this step was just saved (a best eval, then a signal or the end)."""
@@ -135,7 +163,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         return save(step)
 
     say(f"training: {len(data.train)} rows, {total_steps} steps of {plan.rows_per_step} rows "
-        f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation), run directory {run_dir}")
+        f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation"
+        + (f", shared by {ranks.world} devices, {ranks.mode}" if ranks.collective else "") + f"), run directory {run_dir}")
     model.train()
     # On resume, the losses before the checkpoint come from the log, so the summary covers the whole run.
     step_losses: list[float] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if resume_from else []
@@ -143,28 +172,29 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     stopped_early = None
     collapse = CollapseWatch(len(tokenizer), cfg.train.learning_rate)
     completed = start_step
-    with StopOnSignal() as stop, TrainProgress(total_steps, start_step, console) as progress:
+    with StopOnSignal(announce=ranks.is_main) as stop, TrainProgress(total_steps, start_step, console) as progress:
         for step in range(start_step, total_steps):
             if step_hook:
                 step_hook(step, None)
             started = time.perf_counter()
             micro_batches = [[data.train[i] for i in rows] for rows in plan.step_rows(step)]
+            n_items = sum(trained_tokens(rows) for rows in micro_batches)  # of the whole step, on every rank
+            split = None
             if cfg.train.max_tokens_per_micro_batch:  # same rows, same loss: only the memory per pass changes
-                micro_batches = [part for rows in micro_batches
-                                 for part in split_by_tokens(rows, cfg.train.max_tokens_per_micro_batch)]
-            n_items = sum(trained_tokens(rows) for rows in micro_batches)
+                split = functools.partial(split_by_tokens, max_tokens=cfg.train.max_tokens_per_micro_batch)
+            passes = distributed.share(micro_batches, ranks, cfg.train.micro_batch_size, split)  # this rank's
             step_loss = torch.zeros((), device=accelerator.device)
             step_tokens = 0
-            for index, rows in enumerate(micro_batches):
+            for index, (rows, weight) in enumerate(passes):
                 batch = {k: v.to(accelerator.device) for k, v in make_batch(rows, tokenizer.pad_token_id).items()}
-                step_tokens += sum(len(r["input_ids"]) for r in rows)
-                last = index == len(micro_batches) - 1
+                step_tokens += sum(len(r["input_ids"]) for r in rows) if weight else 0
+                last = index == len(passes) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    loss = micro_batch_loss(model, batch, n_items)
-                    accelerator.backward(loss)
+                    loss = micro_batch_loss(model, batch, n_items) * weight
+                    accelerator.backward(loss * distributed.gradient_scale(ranks))
                 step_loss += loss.detach().float()
+            loss_value, step_tokens, signum = distributed.step_totals(ranks, step_loss, step_tokens, stop.signum)
             grad_norm = _clip(accelerator, params, cfg.train.max_grad_norm)
-            loss_value = float(step_loss)
 
             if not math.isfinite(loss_value) or (accelerator.scaler is None and not math.isfinite(grad_norm)):
                 state["bad_steps"] += 1
@@ -205,6 +235,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             if cfg.train.eval_steps and data.eval and ((step + 1) % cfg.train.eval_steps == 0 or step + 1 == total_steps):
                 eval_loss, _ = mean_token_loss(model, data.eval, cfg.train.micro_batch_size, tokenizer.pad_token_id,
                                                accelerator.device)
+                eval_loss = distributed.broadcast(ranks, eval_loss)  # one value decides for all ranks
                 improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
                 metrics.log({"step": step + 1, "eval/loss": eval_loss, "eval/perplexity": perplexity(eval_loss)})
                 say(f"step {step + 1}: eval loss {eval_loss:.4f} (perplexity {perplexity(eval_loss):.2f})"
@@ -220,10 +251,10 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                         say(stopped_early)
                         total_steps = step + 1
 
-            if stop.requested:
+            if signum:  # a signal on any rank stops every rank after this same step
                 last_checkpoint = save_once(step + 1)
                 metrics.close()
-                raise TrainingInterrupted(stop.signum, step + 1, last_checkpoint)
+                raise TrainingInterrupted(signum, step + 1, last_checkpoint)
             if cfg.train.save_steps and (step + 1) % cfg.train.save_steps == 0 and step + 1 < total_steps:
                 last_checkpoint = save(step + 1)
             if stopped_early:
@@ -233,16 +264,28 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     metrics.close()
 
     unwrapped = accelerator.unwrap_model(model)
-    _best_or_final(cfg, state, completed, run_dir, unwrapped, say)
+    if not ranks.sharded:
+        _best_or_final(cfg, state, completed, run_dir, unwrapped, say)
+    elif cfg.train.keep_best:
+        say("train.keep_best: not applied under train.distributed: fsdp; the adapter is the last step's "
+            "(the best evaluation's checkpoint is kept)")
     adapter_dir = run_dir / ADAPTER_DIR
+    adapter_weights, error = distributed.adapter_state(model, ranks), None
     try:  # written aside and renamed: a kill or a full disk never leaves a half-written adapter
-        with written_whole(adapter_dir, folder=True) as tmp:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / TEMPLATE_FILE).write_text((run_dir / TEMPLATE_FILE).read_text())
+        if ranks.is_main:
+            with written_whole(adapter_dir, folder=True) as tmp:
+                unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_weights)
+                tokenizer.save_pretrained(tmp)
+                (tmp / TEMPLATE_FILE).write_text((run_dir / TEMPLATE_FILE).read_text())
     except OSError as e:
-        raise UserError(f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
-                        f"{last_checkpoint} is complete: free space and run the same command with --resume") from e
+        error = (f"could not write the adapter to {adapter_dir}: {e.strerror or e}. The final checkpoint "
+                 f"{last_checkpoint} is complete: free space and run the same command with --resume")
+    if distributed.broadcast(ranks, error):
+        raise UserError(error or "rank 0 could not write the adapter")
+    memory = distributed.gather(ranks, {"peak_mem_gib": distributed.peak_memory_gib(device),
+                                        **distributed.parameter_bytes(model)})
+    if not ranks.is_main:
+        return None
     window = max(1, len(step_losses) // 10)
     result = TrainResult(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=completed,
@@ -256,6 +299,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     summary.update(trainable_parameters=trainable, total_parameters=total, base_model=base, device=device,
                    fast_paths=fast_paths.as_dict(),
                    compute_dtype=str(dtype).removeprefix("torch."), environment=environment_info(device))
+    if ranks.collective:
+        summary.update(devices=ranks.world, distributed=ranks.mode, memory_per_rank=memory)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return result
 
@@ -278,10 +323,10 @@ def _best_or_final(cfg: RunConfig, state: dict, completed: int, run_dir: Path, m
 
 def _clip(accelerator, params, max_norm: Optional[float]) -> float:
     if max_norm:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        return float(distributed.full(accelerator.clip_grad_norm_(params, max_norm)))
     if accelerator.scaler is not None:
         accelerator.unscale_gradients()
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    grads = [distributed.full(p.grad.detach().float().norm()) for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 

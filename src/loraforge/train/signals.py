@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+
+ECHO_S = 2.0  # under a launcher, the same signal again this soon is the launcher passing on a Ctrl-C
 
 
 def _say(text: str) -> None:
@@ -22,9 +25,13 @@ def _say(text: str) -> None:
 class StopOnSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum: int | None = None
         self._previous = {}
+        self._announce = announce  # False on the ranks other than 0 of a multi-device run
+        self._at = 0.0
+        # A terminal's Ctrl-C reaches every rank, and then the launcher passes it on once more.
+        self._echoes = "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
     @property
     def requested(self) -> bool:
@@ -32,11 +39,14 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if self._echoes and signum == self.signum and time.monotonic() - self._at < ECHO_S:
+                return
             _say(f"\nsecond signal {signum}: exiting now; the last complete checkpoint is intact\n")
             raise SystemExit(128 + signum)
-        self.signum = signum
-        _say(f"\nsignal {signum} received: finishing this step and saving a checkpoint "
-             "(send it again to exit at once)\n")
+        self.signum, self._at = signum, time.monotonic()
+        if self._announce:
+            _say(f"\nsignal {signum} received: finishing this step and saving a checkpoint "
+                 "(send it again to exit at once)\n")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
