@@ -21,6 +21,7 @@ LAYERS = [
     {"data", "model"},
     {"rundir"},  # the run directory's layout and reading, for every stage
     {"config"},
+    {"config_messages"},  # how validation errors read (config.py keeps the schema)
     {"atomic", "errors", "environment", "__init__"},
 ]
 MAX_LINES = 400

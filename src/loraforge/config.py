@@ -6,13 +6,14 @@ errors, with a "did you mean" hint.
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loraforge import config_messages
+from loraforge.config_messages import CROSS_CHECK_MARK, leaf_types
 from loraforge.errors import UserError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -38,7 +39,7 @@ class Section(BaseModel):
         # pydantic's lax mode reads `true` as 1 for a number; `micro_batch_size: true` is a mistake.
         if isinstance(v, bool):
             ann = cls.model_fields[info.field_name].annotation
-            if bool not in _leaf_types(ann) and _leaf_types(ann) & {int, float}:
+            if bool not in leaf_types(ann) and leaf_types(ann) & {int, float}:
                 raise ValueError("expected a number, not true/false")
         return v
 
@@ -187,9 +188,6 @@ class RunConfig(Section):
         return d
 
 
-CROSS_CHECK_MARK = "cross-checks:\n"
-
-
 def cross_check(cfg: "RunConfig") -> list[str]:
     """Contradictions between keys, each as 'key.path: problem'; all of them, before anything loads.
 
@@ -226,93 +224,9 @@ def cross_check(cfg: "RunConfig") -> list[str]:
 
 # --- loading -------------------------------------------------------------------------------
 
-def _leaf_types(ann) -> set:
-    """The plain types inside an annotation: Optional[list[DatasetSource]] -> {NoneType, DatasetSource}."""
-    args = get_args(ann)
-    if not args:
-        return {ann}
-    if get_origin(ann) is Literal:
-        return {type(a) for a in args}
-    if get_origin(ann) is dict:
-        return set()
-    return set().union(*(_leaf_types(a) for a in args))
-
-
-def _section_of(ann) -> Optional[type[BaseModel]]:
-    models = [t for t in _leaf_types(ann) if isinstance(t, type) and issubclass(t, BaseModel)]
-    return models[0] if models else None
-
-
-def _clean_loc(loc) -> tuple[list, type[BaseModel]]:
-    """The user's key path of an error, without pydantic's union-member tags such as
-    `literal['attention','all-linear']` or `list[str]`; and the section the last key belongs to."""
-    model, section, out = RunConfig, RunConfig, []
-    for part in loc:
-        if isinstance(part, int):
-            out.append(part)
-        elif model is not None:  # a key of this section (or an unknown one: the message is about it)
-            out.append(part)
-            section = model
-            field = model.model_fields.get(part)
-            model = _section_of(field.annotation) if field else None
-        elif not _PYDANTIC_TAG.match(part):  # e.g. a key of data.datasets[].columns
-            out.append(part)
-    return out, section
-
-
-# How pydantic names the member of a union (or a validator) that failed: not a key the user wrote.
-_PYDANTIC_TAG = re.compile(r"^(literal\[.*\]|[a-z]+\[.*\]|str|int|float|bool|none|function-[a-z]+\[.*\])$")
-
-
 def format_errors(err: ValidationError, source: str, set_keys: dict[str, str] = {}) -> str:
-    problems: dict[str, list[str]] = {}  # one entry per key path: a union's alternatives become one line
-    from_set, cross = [], []
-    for e in err.errors():
-        if CROSS_CHECK_MARK in e["msg"]:  # the cross-checks: one line each, with their own key paths
-            cross += e["msg"].split(CROSS_CHECK_MARK, 1)[1].splitlines()
-            continue
-        loc, section = _clean_loc(e["loc"])
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _suggest(str(loc[-1]), section)
-        problems.setdefault(path, [])
-        if msg not in problems[path]:
-            problems[path].append(msg)
-        if "input" in e and e["type"] not in ("missing", "extra_forbidden") \
-                and not isinstance(e["input"], (dict, list)) and "token" not in path:  # never echo a secret
-            problems[path].append(f"(got {e['input']!r})")
-        from_set.append(_set_flag(path, set_keys))
-    lines = []
-    for path, msgs in problems.items():
-        flag = _set_flag(path, set_keys)
-        text = " ".join(_join_alternatives(msgs))
-        lines.append(f"  - {path}: {text}" + (f" (from {flag})" if flag else ""))
-    lines += [f"  - {problem}" for problem in cross]
-    where = "--set" if from_set and all(from_set) and not cross else \
-        source + (" and --set" if any(from_set) else "")
-    return "\n".join([f"{where}: {len(lines)} problem(s) in the config:"] + lines)
-
-
-def _join_alternatives(msgs: list[str]) -> list[str]:
-    texts = [m for m in msgs if not m.startswith("(got")]
-    got = [m for m in msgs if m.startswith("(got")][:1]
-    joined = texts[0] + "".join(", or " + t[0].lower() + t[1:] for t in texts[1:]) if texts else ""
-    return [joined] + got
-
-
-def _set_flag(path: str, set_keys: dict[str, str]) -> Optional[str]:
-    """The --set flag that produced the value at `path` (the key itself or a section above it)."""
-    for key, text in set_keys.items():
-        if path == key or path.startswith(key + "."):
-            return f"--set {key}" if "token" in text else f"--set {text}"  # never echo a secret
-    return None
-
-
-def _suggest(name: str, section: Optional[type[BaseModel]]) -> str:
-    fields = list((section or RunConfig).model_fields)
-    close = difflib.get_close_matches(name, fields, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(fields)}"
+    """The user's message for a config that does not validate (config_messages.py builds it)."""
+    return config_messages.format_errors(err, source, RunConfig, set_keys)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
