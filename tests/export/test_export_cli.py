@@ -45,7 +45,7 @@ def test_gguf_of_an_unsupported_architecture_is_refused(tmp_path, short_run):
     shutil.copytree(short_run / "adapter", run_on_gpt2 / "adapter")
     shutil.copy(short_run / "template.json", run_on_gpt2)
     (run_on_gpt2 / "config.yaml").write_text((short_run / "config.yaml").read_text().replace(
-        "base: null", f"base: {gpt2}"))
+        "base: tiny", f"base: {gpt2}"))
     result = run_cli("export", "gguf", str(run_on_gpt2), "--out", str(tmp_path / "y.gguf"))
     assert result.returncode == 2 and "GPT2LMHeadModel" in result.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
