@@ -40,7 +40,7 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
                   "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "optimizer": "adamw",
                   "shuffle": False, "packing": True, "gradient_checkpointing": True, "tensorboard": False,
                   "logging_steps": 5,
-                  # speed/memory only (tests/train/test_fast_paths.py): fused layers + liger on CUDA (auto),
+                  # speed/memory only (tests/model/fused/): fused layers + liger on CUDA (auto),
                   # half-layer checkpoints in pinned CPU memory; the whole step in one pass (no token cap)
                   "fused_layers": "auto", "liger_kernels": "auto", "offload_activations": "on",
                   "max_tokens_per_micro_batch": None},
@@ -159,7 +159,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             meter["start"] = time.perf_counter()
-        elif record is not None and step >= warmup:
+        elif record is not None and warmup <= step < warmup + steps:  # the profiled steps do not count
             meter["tokens"] += record["tokens"]
             meter["losses"].append(record["loss"])
             if step == warmup + steps - 1:

@@ -124,7 +124,7 @@ class TrainSettings(Section):
     shuffle: bool = Field(True, description="Shuffle rows each epoch; off keeps file order (the benchmark's rule).")
     packing: bool = Field(True, description="Concatenate each micro-batch's rows into one padding-free stream "
                           "(positions restart per sequence, no attention across sequences; the same loss).")
-    # Speed and memory only: what is learned stays the same (tests/train/test_fast_paths.py).
+    # Speed and memory only: what is learned stays the same (tests/model/fused/).
     fused_layers: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused Llama training forward (model/fused/); auto: on for supported models on CUDA.")
     liger_kernels: Literal["auto", "on", "off"] = Field(

@@ -50,12 +50,11 @@ def projection(module: nn.Module) -> Projection:
                       float(module.scaling[name]), p)
 
 
-def _lora_blocks(projs, dtype):
-    """[A_1; A_2; ...] (sum r, in) and the block-diagonal [s_1 B_1, s_2 B_2, ...] (sum out, sum r) in dtype."""
-    a = torch.cat([p.lora_A for p in projs if p.lora_A is not None]).to(dtype)
+def _b_blocks(projs, dtype):
+    """The block-diagonal [s_1 B_1, s_2 B_2, ...] (sum out, sum r) in dtype (A's are made in _lora_down)."""
     blocks = [(p.lora_B * p.scale) if p.lora_A is not None
               else p.lora_A_zero(dtype) for p in projs]
-    return a, torch.block_diag(*blocks).to(dtype)
+    return torch.block_diag(*blocks).to(dtype)
 
 
 # --- LoRA dropout ------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ class LoRAProjections(torch.autograd.Function):
             y = x @ w.t()
             del w
             if with_lora:
-                y.addmm_(t, _lora_blocks(projs, dtype)[1].t())
+                y.addmm_(t, _b_blocks(projs, dtype).t())
             return y
         outs, r0 = [], 0
         for p in projs:
@@ -175,7 +174,7 @@ class LoRAProjections(torch.autograd.Function):
                 del w
             if not with_lora:
                 return (dx, None, None)
-            b_blk = _lora_blocks(projs, dtype)[1]
+            b_blk = _b_blocks(projs, dtype)
             dt = dy @ b_blk  # d(dropout(x) A^T) with the scales, (tokens, sum r)
             dB_full = dy.t() @ t  # (sum out, sum r): the diagonal blocks are the LoRA B gradients / scale
             dBs, o, r0 = [], 0, 0
