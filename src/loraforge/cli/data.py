@@ -48,6 +48,7 @@ def build_config(args):
         if local.exists() or any(ch in path for ch in "*?["):
             path = str(local.absolute()) if local.exists() else os.path.abspath(os.path.expanduser(path))
         cfg.data.datasets = [DatasetSource(path=path, format=args.format or "auto")]
+        cfg.data.eval_split = None  # a split of the config's own data (the demo's "train[128:]"), not of this one
     elif args.format:
         raise UserError("--format describes --dataset; for a config's datasets set format: in the config")
     return cfg
@@ -63,7 +64,7 @@ def load_tokenizer_for(cfg):
         raise UserError(f"the tokenizer could not be loaded: {e}") from None
     except Exception as e:  # noqa: BLE001 - anything from transformers/sentencepiece
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"the tokenizer of '{cfg.model.base or 'the built-in tiny model'}' could not be loaded: "
+        raise UserError(f"the tokenizer of '{cfg.model.base or 'smollm2-135m-instruct'}' could not be loaded: "
                         f"{first}. Check model.base and model.revision.") from None
 
 

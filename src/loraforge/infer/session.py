@@ -139,7 +139,7 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
+            raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'smollm2-135m-instruct'}: "
                             f"{first}. Was the run's base model changed?") from e
     model.eval()
     return model, base, device
