@@ -65,7 +65,7 @@ def smollm2_short_run(tmp_path_factory, smollm2_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "smollm2"
     result = run_cli("train", "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.micro_batch_size=2",
                      "--set", "eval.rows=2", "--set", "eval.max_new_tokens=16", "--set", "samples=2",
-                     "--set", "train.logging_steps=1", "--output-dir", str(run_dir))
+                     "--set", "train.logging_steps=1", "--output-dir", str(run_dir), timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir / "stdout.txt").write_text(result.stdout)
     return run_dir

@@ -245,7 +245,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 EXCLUSIVE = (("data.eval_fraction", "data.eval_size", "data.eval_split"),)
 
 
+# Keys that name parts of the recipe's own data: a --set of the data (e.g. `train --dataset`) drops them too.
+FOLLOWS_DATA = {"data.datasets": ("data.eval_split",)}
+
+
 def _drop_recipe_conflicts(raw: dict, key: str, value, set_keys: set[str]) -> None:
+    for other in FOLLOWS_DATA.get(key, ()):
+        section, _, name = other.rpartition(".")
+        if other not in set_keys and isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
     if value in (None, 0, ""):
         return
     for group in EXCLUSIVE:

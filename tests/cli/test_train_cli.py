@@ -92,3 +92,4 @@ def test_the_default_trains_the_real_model_in_nf4_and_ends_with_base_vs_tuned(sm
     assert [s["tuned"] for s in evaluation["samples"]] == [s["after"] for s in summary["samples"]]
     adapter = json.loads((smollm2_short_run / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(smollm2_dir)
+    assert "execution_match" in (smollm2_short_run / "report.html").read_text()  # the report's eval table

@@ -22,7 +22,7 @@ def dataset(write_jsonl):
 
 def test_inspect_dataset(tiny_model_dir, dataset, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["data", "inspect", "--dataset", dataset, "--max-length", "32", "--out", str(out),
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--max-length", "32", "--out", str(out),
                  "--set", "data.eval_fraction=0"]) == 0
     text = capsys.readouterr().out
     assert "shape text (detected)" in text
@@ -32,15 +32,15 @@ def test_inspect_dataset(tiny_model_dir, dataset, tmp_path, capsys):
     assert report["over_max_length"] == 1 and report["truncated"] == 1
     assert (out / "data_report.png").read_bytes()[:4] == b"\x89PNG"
     # no silent overwrite
-    assert main(["data", "inspect", "--dataset", dataset, "--out", str(out)]) == 2
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out)]) == 2
     assert "already exist" in capsys.readouterr().err
-    assert main(["data", "inspect", "--dataset", dataset, "--out", str(out), "--force", "--max-length", "64"]) == 0
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out), "--force", "--max-length", "64"]) == 0
     assert json.loads((out / "data_report.json").read_text())["max_length"] == 64
 
 
 def test_inspect_config_with_overrides(tiny_model_dir, dataset, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("data:\n  datasets:\n    - path: chat.jsonl\n  template: llama2\n  max_length: 128\n")
+    cfg.write_text("model:\n  base: tiny\ndata:\n  datasets:\n    - path: chat.jsonl\n  template: llama2\n  max_length: 128\n")
     assert dataset == str(tmp_path / "chat.jsonl")  # next to the config, referenced relatively
     out = tmp_path / "o"
     assert main(["data", "inspect", str(cfg), "--set", "data.train_on=all", "--out", str(out)]) == 0
@@ -51,7 +51,7 @@ def test_inspect_config_with_overrides(tiny_model_dir, dataset, tmp_path, capsys
 
 def test_inspect_bad_row_exits_2(tiny_model_dir, write_jsonl, tmp_path, capsys):
     path = write_jsonl("bad.jsonl", [{"input": "q", "output": "a"}, {"input": "q", "output": ""}])
-    assert main(["data", "inspect", "--dataset", path, "--out", str(tmp_path)]) == 2
+    assert main(["data", "inspect", "tiny", "--dataset", path, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl: 1 bad row(s)" in err and "line 2: 'output': the response is empty" in err
 

@@ -27,3 +27,15 @@ def test_jinja_renders_every_template_as_training_does(tiny_tokenizer, name, sys
 def test_tokenizer_template_is_passed_through(tiny_tokenizer):
     template = get_template("tokenizer", tiny_tokenizer)
     assert training_chat_template(template) == tiny_tokenizer.chat_template
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_jinja_renders_every_template_with_the_real_models_tokenizer(smollm2_tokenizer, name):
+    """SmolLM2's BOS is `<|im_start|>`: ChatML adds none before it; its own template (`tokenizer`) is kept as is."""
+    template = get_template(name, smollm2_tokenizer)
+    jinja = training_chat_template(template)
+    for messages in (CONVERSATIONS[0], [m | {"content": m["content"].strip()} for m in CONVERSATIONS[2]]):
+        rendered = smollm2_tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False,
+                                                         add_generation_prompt=True)
+        assert rendered == template.prompt(messages)
+    assert not template.prompt(CONVERSATIONS[0]).startswith("<|im_start|><|im_start|>")

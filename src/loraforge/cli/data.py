@@ -84,7 +84,7 @@ def load_tokenizer_for(cfg):
     except UserError as e:
         raise UserError(f"the tokenizer could not be loaded: {e}") from None
     except Exception as e:  # noqa: BLE001 - anything from transformers/sentencepiece
-        raise UserError(f"the tokenizer of '{cfg.model.base or 'the built-in tiny model'}' could not be loaded: "
+        raise UserError(f"the tokenizer of '{cfg.model.base or 'smollm2-135m-instruct'}' could not be loaded: "
                         f"{first_line(e)}. Check model.base and model.revision.") from None
 
 

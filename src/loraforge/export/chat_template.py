@@ -50,7 +50,7 @@ _HEADERS = (
 
 # ChatML / Llama 3: `{start(role)}{content}{end}`; the assistant header is written with the user turn.
 _HEADER_TOKENS = (
-    "{%- set ns = namespace(pending=bos_token) -%}"
+    "{%- set ns = namespace(pending=BOS) -%}"
     "{%- if system -%}{%- set ns.pending = ns.pending + START_SYSTEM + system + END + AFTER_END -%}{%- endif -%}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'user' -%}"
@@ -92,7 +92,8 @@ def jinja_template(template: ChatTemplate) -> Optional[str]:
         body = (_HEADERS.replace("USER_HEADER", _literal(template.user_header))
                 .replace("ASSISTANT_HEADER", _literal(template.assistant_header)))
     elif template.name in ("chatml", "llama3"):
-        body = _HEADER_TOKENS
+        # No BOS where the tokenizer's BOS is the turn start itself (SmolLM2), as in training.
+        body = _HEADER_TOKENS.replace("BOS", "''" if template._bos_starts_turns else "bos_token")
         for name, value in (("START_SYSTEM", template.start("system")), ("START_USER", template.start("user")),
                             ("START_ASSISTANT", template.start("assistant")),
                             ("END_OF_TURN", template._end_of_turn(template.end_marker)),

@@ -73,8 +73,9 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"could not load the adapter {adapter_dir} onto {cfg.model.base or 'the tiny model'}: "
-                            f"{first_line(e)}. Was the run's base model changed?") from e
+            raise UserError(f"could not load the adapter {adapter_dir} onto "
+                            f"{cfg.model.base or 'smollm2-135m-instruct'}: {first_line(e)}. "
+                            "Was the run's base model changed?") from e
     model.eval()
     return model, base, device
 

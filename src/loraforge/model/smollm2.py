@@ -8,6 +8,7 @@ ChatML chat template. Only the file is needed: the package's own dependencies ar
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -63,8 +64,10 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     gguf_file = gguf_file or packaged_gguf()
     folder, name = str(gguf_file.parent), gguf_file.name
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no dequantization progress chatter in the middle of `train`
+    hf_logging.set_verbosity_error()  # no conversion chatter or progress bars in the middle of `train`
     hf_logging.disable_progress_bar()
+    tqdm_was = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization bar is a plain tqdm
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -86,3 +89,7 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        if tqdm_was is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_was
