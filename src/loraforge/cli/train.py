@@ -44,6 +44,10 @@ def run(args) -> int:
 
     console = Console(stderr=False, highlight=False)
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
+    if checkpoint is not None:  # every file read once now: a damaged one is named before the run folder is touched
+        from loraforge.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(checkpoint)
     if finished_at(checkpoint) is not None:
         console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
                       f"resume, nothing written. Its adapter: {checkpoint.parent.parent / 'adapter'}", markup=False)

@@ -62,8 +62,12 @@ def load_run_config(run_dir) -> RunConfig:
 
     path = check_run_dir(run_dir) / "config.yaml"
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as e:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections, found {type(raw).__name__}; restore the "
+                            "file the run wrote")
+        return RunConfig.model_validate(raw)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid YAML ({e}); restore the file the run wrote") from None
     except ValidationError as e:
         raise UserError(_format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
@@ -78,16 +82,50 @@ def read_run(run_dir) -> RunInfo:
         raise UserError(f"run directory {run_dir} has no adapter ({adapter_dir / missing[0]} is missing): the run "
                         "did not finish. Continue it with `loraforge train RECIPE --resume "
                         f"{run_dir}`, or point at a finished run")
+    check_adapter(adapter_dir)
     cfg = load_run_config(run_dir)
     template_path = next((p for p in (run_dir / "template.json", adapter_dir / "template.json") if p.is_file()), None)
     if template_path is None:
         raise UserError(f"{run_dir} has no template.json, so the training chat format is unknown; "
                         "restore it from the run (a copy is in adapter/template.json)")
-    try:
-        record = json.loads(template_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{template_path} is not valid JSON ({e}); restore the file the run wrote") from None
+    record = read_json_object(template_path)
+    if not isinstance(record.get("name"), str) or not isinstance(record.get("system_prompt") or "", str):
+        raise UserError(f"{template_path}: no template name in it (\"name\": \"llama2\", ...); restore the file "
+                        "the run wrote (a copy is in adapter/template.json)")
     return RunInfo(run_dir=run_dir, cfg=cfg, adapter_dir=adapter_dir, template_record=record)
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """adapter_config.json parses as a PEFT config and the weights file has a whole safetensors header:
+    a damaged adapter is named here, before minutes of model loading."""
+    from peft import PeftConfig
+    from safetensors import SafetensorError, safe_open
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    read_json_object(config)
+    try:
+        PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as e:  # noqa: BLE001 - this file is peft's only input here: whatever it raises, the file is bad
+        raise UserError(f"{config} is not a valid PEFT adapter config ({type(e).__name__}: {e}); restore the "
+                        "file the run wrote") from None
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights} is damaged ({e}); restore it, or use a checkpoint's adapter "
+                        "(eval --adapter RUN/checkpoints/step-N)") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object a run wrote, or a UserError naming the file (bad bytes, bad JSON, another type)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the file the run wrote") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(record).__name__}; restore the file the run wrote")
+    return record
 
 
 def inference_settings(settings: ModelSettings, device: str) -> tuple[ModelSettings, "torch.dtype"]:
@@ -135,6 +173,7 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
     base = resolve_base(settings)
     model = load_base_model(settings, dtype, device, base)
     if adapter_dir is not None:
+        check_adapter(adapter_dir)
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:

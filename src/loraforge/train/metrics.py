@@ -16,17 +16,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
             if number == len(lines):
                 break
             raise UserError(f"{path}, line {number}: not valid JSON; fix or delete the line and rerun") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            raise UserError(f"{path}, line {number}: expected a JSON object with an integer \"step\"; fix or "
+                            "delete the line and rerun")
+        records.append(record)
     return records
 
 
