@@ -95,6 +95,10 @@ def run_inspect(args) -> int:
     if out is not None and (out / "config.yaml").is_file() and (out / "data_report.json").exists() and not args.force:
         raise UserError(f"--out {out} is a training run directory; its data_report.json describes that run. "
                         "Choose another --out, or add --force to replace it.")
+    if out is not None:
+        from loraforge.atomic import check_writable
+
+        check_writable(out / "data_report.json", "--out")
     console = Console(highlight=False)
     tokenizer = load_tokenizer_for(cfg)
 
