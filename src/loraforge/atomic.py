@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 SCRATCH_PREFIXES = (".tmp-", ".trash-")  # what a killed write can leave beside its target
@@ -118,6 +119,27 @@ def written_whole(final, folder: bool = False):
         if disk is not None and disk is not e:
             raise disk from e
         raise
+
+
+def check_writable(path, what: str) -> None:
+    """Fail now, not after minutes of work, when `path` (a file or folder still to be written) cannot be:
+    a file where a folder should be, a read-only or full disk, /proc. Probes with a scratch file in the
+    nearest existing folder; creates nothing that stays."""
+    from loraforge.errors import UserError
+
+    path = Path(path).absolute()
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is a file, not a folder; choose another location")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write in {folder} ({e.strerror or e}); choose another location "
+                        "or free some space") from None
 
 
 def write_text_whole(path, text: str) -> Path:

@@ -87,8 +87,12 @@ def load_run_config(run_dir) -> RunConfig:
 
     path = check_run_dir(run_dir) / CONFIG_FILE
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError as e:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a mapping of sections, found {type(raw).__name__}; restore the "
+                            "file the run wrote")
+        return RunConfig.model_validate(raw)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid YAML ({e}); restore the file the run wrote") from None
     except ValidationError as e:
         raise UserError(format_errors(e, str(path)) + "\n(was it written by another loraforge version?)") from None
@@ -99,8 +103,8 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
         raise UserError(f"{path}: not readable JSON ({e}); restore the file the run wrote, or delete it and "
                         "rerun the command that writes it") from None
 
@@ -111,17 +115,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError is one
             if number == len(lines):
                 break
             raise UserError(f"{path}, line {number}: not valid JSON; fix or delete the line and rerun") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            raise UserError(f"{path}, line {number}: expected a JSON object with an integer \"step\"; fix or "
+                            "delete the line and rerun")
+        records.append(record)
     return records
 
 
@@ -148,7 +156,14 @@ class Run:
         """template.json of the run, else the copy saved with the adapter; None when neither exists."""
         path = next((p for p in (self.run_dir / TEMPLATE_FILE, self.adapter_dir / TEMPLATE_FILE) if p.is_file()),
                     None)
-        return None if path is None else read_json(path)
+        if path is None:
+            return None
+        record = read_json(path)
+        if not isinstance(record, dict) or not isinstance(record.get("name"), str) \
+                or not isinstance(record.get("system_prompt") or "", str):
+            raise UserError(f"{path}: no template name in it (\"name\": \"llama2\", ...); restore the file "
+                            "the run wrote (a copy is in adapter/template.json)")
+        return record
 
     @cached_property
     def metrics(self) -> list[dict]:
@@ -178,6 +193,7 @@ def read_run(run_dir, finished: bool = False) -> Run:
         raise UserError(f"run directory {run.run_dir} has no adapter ({run.adapter_dir / missing[0]} is missing): "
                         "the run did not finish. Continue it with `loraforge train RECIPE --resume "
                         f"{run.run_dir}`, or point at a finished run")
+    check_adapter(run.adapter_dir)
     run.cfg  # noqa: B018 - validated now, before anything loads
     if run.template_record is None:
         raise UserError(f"{run.run_dir} has no template.json, so the training chat format is unknown; "
@@ -186,6 +202,29 @@ def read_run(run_dir, finished: bool = False) -> Run:
 
 
 # --- the adapter and the checkpoints ---------------------------------------------------------
+
+def check_adapter(adapter_dir: Path) -> None:
+    """adapter_config.json parses as a PEFT config and the weights file has a whole safetensors header:
+    a damaged adapter is named here, before minutes of model loading."""
+    from peft import PeftConfig
+    from safetensors import SafetensorError, safe_open
+
+    config = Path(adapter_dir) / ADAPTER_CONFIG
+    if not isinstance(read_json(config), dict):
+        raise UserError(f"{config}: expected a JSON object; restore the file the run wrote")
+    try:
+        PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as e:  # noqa: BLE001 - this file is peft's only input here: whatever it raises, the file is bad
+        raise UserError(f"{config} is not a valid PEFT adapter config ({type(e).__name__}: {e}); restore the "
+                        "file the run wrote") from None
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights} is damaged ({e}); restore it, or use a checkpoint's adapter "
+                        "(eval --adapter RUN/checkpoints/step-N)") from None
+
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"

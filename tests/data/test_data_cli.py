@@ -1,4 +1,4 @@
-"""`loraforge data inspect`: config or --dataset, report files, no overwrite without --force."""
+"""`loraforge data inspect`: config or --dataset, report files only with --out, a run's kept without --force."""
 import json
 
 import pytest
@@ -31,11 +31,14 @@ def test_inspect_dataset(tiny_model_dir, dataset, tmp_path, capsys):
     assert report["max_length"] == 32 and report["rows"] == {"train": 2, "eval": 0, "eval_from": None}
     assert report["over_max_length"] == 1 and report["truncated"] == 1
     assert (out / "data_report.png").read_bytes()[:4] == b"\x89PNG"
-    # no silent overwrite
-    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out)]) == 2
-    assert "already exist" in capsys.readouterr().err
-    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out), "--force", "--max-length", "64"]) == 0
+    # its own report is replaced; a training run's is not, unless --force
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out), "--max-length", "64"]) == 0
     assert json.loads((out / "data_report.json").read_text())["max_length"] == 64
+    (out / "config.yaml").write_text("{}\n")
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out)]) == 2
+    assert "is a training run directory" in capsys.readouterr().err
+    assert main(["data", "inspect", "tiny", "--dataset", dataset, "--out", str(out), "--force", "--max-length", "48"]) == 0
+    assert json.loads((out / "data_report.json").read_text())["max_length"] == 48
 
 
 def test_inspect_config_with_overrides(tiny_model_dir, dataset, tmp_path, capsys):

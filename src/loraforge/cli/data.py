@@ -96,6 +96,10 @@ def run_inspect(args) -> int:
     if out is not None and (out / CONFIG_FILE).is_file() and (out / DATA_REPORT_FILE).exists() and not args.force:
         raise UserError(f"--out {out} is a training run directory; its {DATA_REPORT_FILE} describes that run. "
                         "Choose another --out, or add --force to replace it.")
+    if out is not None:
+        from loraforge.atomic import check_writable
+
+        check_writable(out / "data_report.json", "--out")
     console = Console(highlight=False)
     tokenizer = load_tokenizer_for(cfg)
 

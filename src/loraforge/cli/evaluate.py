@@ -89,6 +89,10 @@ def run(args) -> int:
     opts = EvalOptions(split=args.split, rows=args.rows, metrics=args.metrics, samples=args.samples,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, adapter=args.adapter)
     run_dir = Path(args.run_dir)
+    if run_dir.is_dir():  # eval.json goes into the run: say now if it cannot, not after the model ran
+        from loraforge.atomic import check_writable
+
+        check_writable(run_dir / EVAL_FILE, "eval:")
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 10 == 0:

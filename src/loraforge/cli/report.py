@@ -16,10 +16,24 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+# The files the report is drawn from, besides config.yaml; any may be missing.
+REPORT_INPUTS = ("summary.json", "metrics.jsonl", "data_report.json", "template.json", "eval.json")
+
+
 def run(args) -> int:
     from loraforge.evaluate.report import write_report
 
-    path = write_report(Path(args.run_dir))
+    check_config_file(Path(args.run_dir))
+    try:
+        path = write_report(Path(args.run_dir))
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
+        culprit = malformed_input(Path(args.run_dir))
+        if culprit is None:  # no single file explains it: a bug, shown as one
+            raise
+        from loraforge.errors import UserError
+
+        raise UserError(f"{culprit}: unexpected content ({type(e).__name__}: {e}); it was edited or written by "
+                        "another loraforge version. Restore it, or delete it, and rerun `loraforge report`") from e
     print(f"report: {path}")
     if args.open:
         import webbrowser
@@ -27,3 +41,43 @@ def run(args) -> int:
         if not webbrowser.open(path.resolve().as_uri()):
             print(f"could not start a browser here; open {path.resolve().as_uri()} yourself")
     return 0
+
+
+def check_config_file(run_dir: Path) -> None:
+    """config.yaml must at least be a YAML mapping (the report shows it as it is, any version)."""
+    import yaml
+
+    from loraforge.errors import UserError
+    from loraforge.infer.session import check_run_dir
+
+    path = check_run_dir(run_dir) / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({e}); restore the file the run wrote") from None
+    if not isinstance(raw, (dict, type(None))):
+        raise UserError(f"{path}: expected a mapping of sections, found {type(raw).__name__}; restore the file "
+                        "the run wrote")
+
+
+def malformed_input(run_dir: Path):
+    """The one input file whose absence lets the report build (a copy of the run without it), else None."""
+    import shutil
+    import tempfile
+
+    from loraforge.evaluate.report import build_report
+
+    present = [name for name in REPORT_INPUTS if (run_dir / name).is_file()]
+    for culprit in present:
+        with tempfile.TemporaryDirectory(prefix="loraforge-report-") as tmp:
+            copy = Path(tmp) / run_dir.name
+            copy.mkdir()
+            for name in ["config.yaml", *present]:
+                if name != culprit:
+                    shutil.copyfile(run_dir / name, copy / name)
+            try:
+                build_report(copy)
+            except Exception:  # noqa: BLE001 - another file is (also) at fault; try the next
+                continue
+            return run_dir / culprit
+    return None

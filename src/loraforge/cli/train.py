@@ -132,6 +132,10 @@ def _train(args, cfg, ranks, prepared=None) -> int:
         prepared = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
         distributed.check_world(prepared[1], 1)
     run_dir, checkpoint = prepared
+    if checkpoint is not None:  # every file read once now: a damaged one is named before the run folder is touched
+        from loraforge.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(checkpoint)
     if finished_at(checkpoint) is not None:
         console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
                       f"resume, nothing written. Its adapter: {checkpoint.parent.parent / ADAPTER_DIR}", markup=False)

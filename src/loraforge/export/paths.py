@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraforge.atomic import check_writable
 from loraforge.errors import UserError
 from loraforge.rundir import ADAPTER_DIR, CONFIG_FILE
 
@@ -20,4 +21,5 @@ def check_output(path, force: bool, flag: str = "--out") -> Path:
         cwd = Path.cwd().resolve()
         if path.is_dir() and path.resolve() in (cwd, *cwd.parents):
             raise UserError(f"{flag} {path} contains the current folder; choose another path")
+    check_writable(path, flag)  # before the model loads, not after
     return path

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 from loraforge.config import ModelSettings, RunConfig
 from loraforge.errors import UserError, first_line
-from loraforge.rundir import Run, read_run
+from loraforge.rundir import Run, check_adapter, read_run
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,7 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
     base = resolve_base(settings)
     model = load_base_model(settings, dtype, device, base)
     if adapter_dir is not None:
+        check_adapter(adapter_dir)
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except (OSError, ValueError, RuntimeError) as e:

@@ -105,6 +105,44 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset())
             _discard(path)
 
 
+STATE_TYPES = {"step": int, "best_eval_loss": (float, int, type(None)), "best_step": (int, type(None)),
+               "evals_without_gain": int, "bad_steps": int}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Read every file of checkpoint `path` once, before a resume writes anything: a damaged file is a
+    UserError naming it, not a failure after the run directory was touched."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    state_path = path / CHECKPOINT_STATE_FILE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: {CHECKPOINT_STATE_FILE} is not readable JSON ({e}); resume from an earlier "
+                        f"checkpoint in {path.parent}") from None
+    bad = [k for k, t in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)
+           or isinstance(state.get(k), bool)] if isinstance(state, dict) else list(STATE_TYPES)
+    if bad:
+        raise UserError(f"checkpoint {path}: {CHECKPOINT_STATE_FILE} has no valid {', '.join(bad)}; resume from an earlier "
+                        f"checkpoint in {path.parent}")
+    try:
+        with safe_open(str(path / CHECKPOINT_ADAPTER_WEIGHTS), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: {CHECKPOINT_ADAPTER_WEIGHTS} is damaged ({e}); resume from an earlier "
+                        f"checkpoint in {path.parent}") from None
+    import pickle
+
+    for name in (CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_SCHEDULER_FILE, CHECKPOINT_RNG_FILE):
+        try:
+            torch.load(path / name, weights_only=True, map_location="cpu")
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"checkpoint {path}: {name} is damaged ({first}); resume from an earlier checkpoint "
+                            f"in {path.parent}") from None
+
+
 def load_adapter_weights(path: Path, model) -> None:
     """Only the adapter weights of checkpoint `path` (train.keep_best: the best evaluation's)."""
     from peft import set_peft_model_state_dict
@@ -150,7 +188,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int = 0, s
         (set_optimizer or optimizer.load_state_dict)(optimizer_state)
         scheduler.load_state_dict(torch.load(path / CHECKPOINT_SCHEDULER_FILE, weights_only=True))
         set_rng_state(torch.load(path / rng_file(rank), weights_only=True))
-        return json.loads((path / CHECKPOINT_STATE_FILE).read_text())
+        state = json.loads((path / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
+            raise ValueError(f"{CHECKPOINT_STATE_FILE} holds no step number")
+        return state
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:

@@ -76,10 +76,13 @@ def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as e:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"--resume: {saved_path} is not valid YAML ({e}); restore it from the run's "
                         "original config") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {saved_path} is not a mapping of sections; restore it from the run's "
+                        "original config")
     changed = differing_keys(saved, cfg.saved_dict())
     if changed:
         raise UserError(f"--resume: the config differs from the run's ({saved_path}) in {', '.join(changed)} "
