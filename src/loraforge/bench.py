@@ -38,7 +38,7 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
                  "train_on": "all", "truncation": "truncate"},
         "train": {"max_steps": steps, "micro_batch_size": batch, "gradient_accumulation": 1,
                   "learning_rate": 2e-4, "lr_scheduler": "linear", "warmup_ratio": 0.0, "optimizer": "adamw",
-                  "shuffle": False, "packing": True, "gradient_checkpointing": True, "tensorboard": False,
+                  "shuffle": False, "packing": "on", "gradient_checkpointing": True, "tensorboard": False,
                   "logging_steps": 5,
                   # speed/memory only (tests/model/fused/): fused layers + liger on CUDA (auto),
                   # half-layer checkpoints in pinned CPU memory; the whole step in one pass (no token cap)

@@ -122,8 +122,9 @@ class TrainSettings(Section):
     gradient_checkpointing: bool = True
     group_by_length: bool = False
     shuffle: bool = Field(True, description="Shuffle rows each epoch; off keeps file order (the benchmark's rule).")
-    packing: bool = Field(True, description="Concatenate each micro-batch's rows into one padding-free stream "
-                          "(positions restart per sequence, no attention across sequences; the same loss).")
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Concatenate each micro-batch's rows into one padding-free stream (positions restart per "
+        "sequence, no attention across sequences; the same loss); auto: on with the fused path, where it is faster.")
     # Speed and memory only: what is learned stays the same (tests/model/fused/).
     fused_layers: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused Llama training forward (model/fused/); auto: on for supported models on CUDA.")
@@ -134,7 +135,7 @@ class TrainSettings(Section):
     max_tokens_per_micro_batch: Optional[int] = Field(
         None, gt=0, description="Split a micro-batch's rows further so each part holds at most this many tokens.")
 
-    @field_validator("fused_layers", "liger_kernels", "offload_activations", mode="before")
+    @field_validator("packing", "fused_layers", "liger_kernels", "offload_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare on/off as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v

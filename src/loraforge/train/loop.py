@@ -116,7 +116,10 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         model.forward = accelerator.autocast()(model.forward)
     plan = BatchPlan([len(r["input_ids"]) for r in data.train], cfg.train.micro_batch_size,
                      cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length, cfg.train.shuffle)
-    make_batch = collate_packed if cfg.train.packing else collate
+    # Packing is exact either way; auto packs where the fused path runs (varlen attention), since on the
+    # plain path the block-diagonal mask over the whole stream costs more than the padding it saves.
+    packed = cfg.train.packing == "on" or (cfg.train.packing == "auto" and "fused layers" in fast_paths.on)
+    make_batch = collate_packed if packed else collate
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model.parameters(), cfg.train, device)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
