@@ -287,13 +287,17 @@ def build_cases(rng: random.Random) -> list[Case]:
         "export adapter": lambda out: ["export", "adapter", "ws/run0", "--out", out],
         "config show": lambda out: ["config", "show", "tiny", "--out", out + "/c.yaml"],
     }
+    def prompts(ws):
+        _write(ws / "prompts.jsonl", good["prompts.jsonl"])
+        _write(ws / "afile", b"not a folder")
+        (ws / "ro").mkdir()
+
     for command, argv in outputs.items():
-        cases.append(Case(f"output under a file: {command}", argv("ws/afile/out"), ("afile",),
-                          lambda ws: _write(ws / "afile", b"not a folder")))
-        cases.append(Case(f"output under /proc: {command}", argv("/proc/loraforge-out"), ("/proc/loraforge-out",)))
+        cases.append(Case(f"output under a file: {command}", argv("ws/afile/out"), ("afile",), prompts))
+        cases.append(Case(f"output under /proc: {command}", argv("/proc/loraforge-out"), ("/proc",), prompts))
         for code in (errno.EROFS, errno.ENOSPC):
-            cases.append(Case(f"output {errno.errorcode[code]}: {command}", argv("ws/ro/out"), ("ws/ro",),
-                              lambda ws: (ws / "ro").mkdir(), fault=lambda ws, code=code: unwritable(ws / "ro", code)))
+            cases.append(Case(f"output {errno.errorcode[code]}: {command}", argv("ws/ro/out"), ("ws/ro",), prompts,
+                              fault=lambda ws, code=code: unwritable(ws / "ro", code)))
     for code in (errno.EROFS, errno.ENOSPC):  # eval and report write into the run directory itself
         for argv in (run_command("eval", "ws/run0"), ["report", "ws/run0"]):
             cases.append(Case(f"run dir {errno.errorcode[code]}: {argv[0]}", argv, ("run0",),
@@ -330,8 +334,10 @@ def no_network():
         raise OSError(errno.ENETUNREACH, "Network is unreachable")
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read once, at import (conftest: offline)
         mp.setattr(socket, "create_connection", refuse)
         mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(time, "sleep", lambda seconds: None)  # the Hub client's retry back-off
         yield
 
 
