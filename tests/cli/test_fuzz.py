@@ -214,11 +214,14 @@ RUN_FILES = {  # file of a finished run -> commands that need it
 }
 
 
+MODEL_COMMANDS = ("eval", "chat", "generate", "merge", "gguf")
+
+
 def run_command(kind: str, run: str) -> list[str]:
     return {
         "eval": ["eval", run, "--rows", "2", "--samples", "0", "--metric", "none"],
         "report": ["report", run],
-        "chat": ["chat", run, "--greedy"],
+        "chat": ["chat", run, "--greedy", "--max-new-tokens", "2"],
         "generate": ["generate", run, "--prompt", "hi", "--greedy", "--max-new-tokens", "2"],
         "merge": ["merge", run, "--out", "ws/merged"],
         "gguf": ["export", "gguf", run, "--out", "ws/model.gguf"],
@@ -266,7 +269,9 @@ def build_cases(rng: random.Random) -> list[Case]:
         text = not target.endswith((".safetensors", ".pt"))
         for kind in kinds:
             # (a retyped value in a resumed run's files may be harmless, and the resume would train)
-            pool = [c for c in CORRUPTIONS if not (kind == "resume" and c is wrong_types)]
+            # (and a config cut to nothing is all defaults: the model commands would then really run)
+            pool = [c for c in CORRUPTIONS if not (kind == "resume" and c is wrong_types)
+                    and not (target == "config.yaml" and kind in MODEL_COMMANDS and c in (truncated, empty, wrong_types))]
             for how in rng.sample(pool, 2 if kind in ("report", "resume", "adapter") else 1):
                 def setup(ws, target=target, how=how, seed=rng.random()):
                     path = ws / "run0" / target
