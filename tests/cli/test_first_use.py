@@ -212,7 +212,7 @@ def test_train_with_dataset_keep_best_and_next_commands(capsys, tmp_path, monkey
     assert main(["train", "tiny", *FAST, "--dataset", str(data), "--set", "train.max_steps=3",
                  "--set", "train.eval_steps=1", "--set", "data.eval_size=2", "--set", "train.keep_best=true",
                  "--output-dir", str(run_dir)]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines at 80 columns off a terminal
     assert "train.keep_best: the adapter is the best evaluation's (step 1, eval loss 1.0000)" in out
     best = load_file(str(run_dir / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors"))
     final = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))

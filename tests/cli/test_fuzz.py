@@ -214,11 +214,14 @@ RUN_FILES = {  # file of a finished run -> commands that need it
 }
 
 
+MODEL_COMMANDS = ("eval", "chat", "generate", "merge", "gguf")
+
+
 def run_command(kind: str, run: str) -> list[str]:
     return {
         "eval": ["eval", run, "--rows", "2", "--samples", "0", "--metric", "none"],
         "report": ["report", run],
-        "chat": ["chat", run, "--greedy"],
+        "chat": ["chat", run, "--greedy", "--max-new-tokens", "2"],
         "generate": ["generate", run, "--prompt", "hi", "--greedy", "--max-new-tokens", "2"],
         "merge": ["merge", run, "--out", "ws/merged"],
         "gguf": ["export", "gguf", run, "--out", "ws/model.gguf"],
@@ -266,7 +269,9 @@ def build_cases(rng: random.Random) -> list[Case]:
         text = not target.endswith((".safetensors", ".pt"))
         for kind in kinds:
             # (a retyped value in a resumed run's files may be harmless, and the resume would train)
-            pool = [c for c in CORRUPTIONS if not (kind == "resume" and c is wrong_types)]
+            # (and a config cut to nothing is all defaults: the model commands would then really run)
+            pool = [c for c in CORRUPTIONS if not (kind == "resume" and c is wrong_types)
+                    and not (target == "config.yaml" and kind in MODEL_COMMANDS and c in (truncated, empty, wrong_types))]
             for how in rng.sample(pool, 2 if kind in ("report", "resume", "adapter") else 1):
                 def setup(ws, target=target, how=how, seed=rng.random()):
                     path = ws / "run0" / target
@@ -287,13 +292,17 @@ def build_cases(rng: random.Random) -> list[Case]:
         "export adapter": lambda out: ["export", "adapter", "ws/run0", "--out", out],
         "config show": lambda out: ["config", "show", "tiny", "--out", out + "/c.yaml"],
     }
+    def prompts(ws):
+        _write(ws / "prompts.jsonl", good["prompts.jsonl"])
+        _write(ws / "afile", b"not a folder")
+        (ws / "ro").mkdir()
+
     for command, argv in outputs.items():
-        cases.append(Case(f"output under a file: {command}", argv("ws/afile/out"), ("afile",),
-                          lambda ws: _write(ws / "afile", b"not a folder")))
-        cases.append(Case(f"output under /proc: {command}", argv("/proc/loraforge-out"), ("/proc/loraforge-out",)))
+        cases.append(Case(f"output under a file: {command}", argv("ws/afile/out"), ("afile",), prompts))
+        cases.append(Case(f"output under /proc: {command}", argv("/proc/loraforge-out"), ("/proc",), prompts))
         for code in (errno.EROFS, errno.ENOSPC):
-            cases.append(Case(f"output {errno.errorcode[code]}: {command}", argv("ws/ro/out"), ("ws/ro",),
-                              lambda ws: (ws / "ro").mkdir(), fault=lambda ws, code=code: unwritable(ws / "ro", code)))
+            cases.append(Case(f"output {errno.errorcode[code]}: {command}", argv("ws/ro/out"), ("ws/ro",), prompts,
+                              fault=lambda ws, code=code: unwritable(ws / "ro", code)))
     for code in (errno.EROFS, errno.ENOSPC):  # eval and report write into the run directory itself
         for argv in (run_command("eval", "ws/run0"), ["report", "ws/run0"]):
             cases.append(Case(f"run dir {errno.errorcode[code]}: {argv[0]}", argv, ("run0",),
@@ -330,8 +339,10 @@ def no_network():
         raise OSError(errno.ENETUNREACH, "Network is unreachable")
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read once, at import (conftest: offline)
         mp.setattr(socket, "create_connection", refuse)
         mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(time, "sleep", lambda seconds: None)  # the Hub client's retry back-off
         yield
 
 

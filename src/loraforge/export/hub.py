@@ -27,7 +27,7 @@ def check_push(repo_id: str) -> str:
 def _network_errors() -> tuple:
     """Connection failures as raised by whichever HTTP client huggingface_hub uses."""
     errors: list = [OSError]  # requests' ConnectionError and socket errors are OSErrors
-    for module, name in (("httpx", "TransportError"), ("requests", "RequestException")):
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
         try:
             errors.append(getattr(__import__(module), name))
         except (ImportError, AttributeError):
@@ -55,7 +55,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, what: str = "mod
                 if status in (401, 403) else "check the repository name and your connection")
         raise UserError(f"--push-to-hub {repo_id}: the Hub refused the upload (HTTP {status}); {hint}") from None
     except OfflineModeIsEnabled:
-        raise UserError("--push-to-hub: offline mode is on (HF_HUB_OFFLINE); unset it to push") from None
+        raise UserError(f"--push-to-hub {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to push") from None
     except _network_errors() as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--push-to-hub {repo_id}: could not reach the Hub ({reason}); check your connection "
