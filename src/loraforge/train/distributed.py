@@ -107,7 +107,7 @@ def barrier(ranks: Ranks) -> None:
 
 
 def step_totals(ranks: Ranks, loss: torch.Tensor, tokens: int, signum: Optional[int]) -> tuple[float, int, Optional[int]]:
-    """The step's loss and tokens summed over ranks, and a stop signal any rank received (one collective)."""
+    """The step's loss and tokens summed over ranks, and a stop signal any rank received."""
     if not ranks.collective:
         return float(loss), tokens, signum
     import torch.distributed as dist
