@@ -67,6 +67,22 @@ def assert_close_runs(got: Path, want: Path, loss_rtol: float, weight_rtol: floa
         assert float((wa[name] - wb[name]).abs().max() / scale) <= weight_rtol, name
 
 
+def test_each_rank_gets_a_contiguous_share_of_the_step_and_idle_ranks_keep_step():
+    from loraforge.train.distributed import Ranks, share
+
+    step = [[0, 1, 2], [3, 4, 5], [6]]  # micro-batches of 3 rows; 7 rows in the step
+    assert share(step, Ranks(0, 2, 0, "ddp"), 3) == [([0, 1, 2], 1.0)]
+    assert share(step, Ranks(1, 2, 0, "ddp"), 3) == [([3, 4, 5], 1.0), ([6], 1.0)]
+    # FSDP: every rank runs as many passes (each gathers the shards); a zero-weight pass fills in.
+    assert share(step, Ranks(0, 2, 0, "fsdp"), 3) == [([0, 1, 2], 1.0), ([0], 0.0)]
+    # More ranks than rows: the rank without any still takes part, with weight 0.
+    assert share([[0]], Ranks(0, 2, 0, "ddp"), 3) == [([0], 0.0)]
+    assert share([[0]], Ranks(1, 2, 0, "ddp"), 3) == [([0], 1.0)]
+    # One device: the config's own micro-batches, split further by tokens if asked.
+    halves = lambda rows: [rows[:1], rows[1:]]  # noqa: E731
+    assert share(step[:1], Ranks(), 3, halves) == [([0], 1.0), ([1, 2], 1.0)]
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("single") / "run"

@@ -107,7 +107,7 @@ def barrier(ranks: Ranks) -> None:
 
 
 def step_totals(ranks: Ranks, loss: torch.Tensor, tokens: int, signum: Optional[int]) -> tuple[float, int, Optional[int]]:
-    """The step's loss and tokens summed over ranks, and a stop signal any rank received (one collective)."""
+    """The step's loss and tokens summed over ranks, and a stop signal any rank received."""
     if not ranks.collective:
         return float(loss), tokens, signum
     import torch.distributed as dist
@@ -148,6 +148,9 @@ def shard(model, ranks: Ranks, offload: bool):
     """FSDP2 on each decoder layer, then the root; the model stays the same object (sharded in place)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    if offload and not torch.cuda.is_available():
+        raise UserError("train.fsdp_cpu_offload moves GPU shards to CPU memory; without a GPU they are there already: "
+                        "leave it false")
     policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, offload_policy=policy)
