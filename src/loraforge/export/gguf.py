@@ -347,7 +347,13 @@ def quantize_with_llama_cpp(source: Path, out: Path, out_type: str) -> None:
     params.ftype = {"q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
                     "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M}[out_type]
     params.nthread = os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    llama_logger = logging.getLogger("llama-cpp-python")  # llama.cpp logs through it: a line per tensor
+    previous = llama_logger.level
+    llama_logger.setLevel(logging.ERROR)
+    try:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    finally:
+        llama_logger.setLevel(previous)
     if status != 0:
         raise RuntimeError(f"llama.cpp's quantizer failed ({status}) writing {out_type}; this is a bug in loraforge")
 
