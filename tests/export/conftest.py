@@ -65,6 +65,7 @@ def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
+LLAMA3_FIT_STEPS = 60
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -114,11 +115,28 @@ def build_tiny_llama3(out: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    fit_briefly(model, tokenizer, texts)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def fit_briefly(model, tokenizer, texts, steps: int = LLAMA3_FIT_STEPS) -> None:
+    """A few optimizer steps on the demo texts: a random model's next-token margins are so small that f16
+    arithmetic (llama.cpp's, 2e-2 on logits of 7) flips greedy choices; a slightly trained one is decisive."""
+    ids = torch.tensor([i for text in texts for i in tokenizer(text).input_ids])
+    rows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 @pytest.fixture(scope="session")
