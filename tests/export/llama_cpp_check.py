@@ -16,7 +16,7 @@ import json, sys
 import llama_cpp
 from llama_cpp import Llama
 path, job = sys.argv[1], json.loads(open(sys.argv[2]).read())
-llm = Llama(model_path=path, n_ctx=1024, n_threads=2, seed=0, verbose=False, vocab_only=not job["prompts"])
+llm = Llama(model_path=path, n_ctx=1024, n_threads=1, seed=0, verbose=False, vocab_only=not job["prompts"])
 out = {"plain": [llm.tokenize(s.encode(), add_bos=False, special=True) for s in job["strings"]],
        "added": [llm.tokenize(s.encode(), add_bos=True, special=True) for s in job["strings"]],
        "answers": []}
@@ -73,3 +73,13 @@ def agreement(got: list, expected: list, tokens: int = ANSWER_TOKENS) -> float:
     """The fraction of prompts whose answers agree on their first `tokens` tokens."""
     same = sum(a[:tokens] == b[:tokens] for a, b in zip(got, expected))
     return same / len(expected)
+
+
+def mean_common_prefix(got: list, expected: list, tokens: int = ANSWER_TOKENS) -> float:
+    """How many leading tokens the answers share, on average (at most `tokens`)."""
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b), tokens) and a[n] == b[n]:
+            n += 1
+        return n
+    return sum(common(a, b) for a, b in zip(got, expected)) / len(expected)

@@ -9,8 +9,8 @@ from transformers import LlamaConfig
 
 from cli_runner import run_cli
 from loraforge.errors import UserError
-from loraforge.export.gguf import (LLAMA3_REGEX, QWEN2_REGEX, bpe_pre_tokenizer, check_architecture,
-                                   llama_cpp_quantizer)
+from loraforge.export.gguf import check_architecture, llama_cpp_quantizer
+from loraforge.export.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX, bpe_pre_tokenizer
 
 
 def spec(*steps, ignore_merges=False, normalizer=None):

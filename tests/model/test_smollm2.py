@@ -24,7 +24,7 @@ def test_checkpoint_is_the_real_model_in_bf16_safetensors(smollm2_dir):
         dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
         assert "lm_head.weight" not in f.keys()  # tied to the embeddings
     assert dtypes == {"BF16"}
-    assert not list(smollm2_dir.parent.glob(f".{smollm2.SMOLLM2_NAME}.tmp-*")), "staging folders are cleaned up"
+    assert not list(smollm2_dir.parent.glob(f".{smollm2.BUILD_NAME}.tmp-*")), "staging folders are cleaned up"
 
 
 def test_tokenizer_is_byte_level_bpe_with_a_chatml_template(smollm2_tokenizer, smollm2_dir):

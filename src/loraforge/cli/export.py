@@ -31,12 +31,15 @@ def register(sub) -> None:
     gguf = kinds.add_parser(
         "gguf", help="a GGUF file that llama.cpp (and transformers' gguf_file=) loads",
         description="Write a Llama checkpoint as GGUF with llama.cpp's `gguf` writer: architecture metadata, the "
-        "SentencePiece vocabulary with scores and token types, special tokens and the training chat template. "
-        "SOURCE is a run directory (its adapter is merged in memory, in float32) or a folder from `loraforge merge`.")
+        "vocabulary (SentencePiece, or byte-level BPE as in Llama 3 and SmolLM2, with merges and llama.cpp's "
+        "pre-tokenizer name), token types, special tokens and the training chat template. The 4/5-bit types come "
+        "from llama.cpp's own quantizer and need llama-cpp-python. SOURCE is a run directory (its adapter is merged "
+        "in memory, in float32) or a folder from `loraforge merge`.")
     gguf.add_argument("source", metavar="RUN_DIR|MERGED_DIR")
     gguf.add_argument("--out", required=True, metavar="FILE.gguf")
     gguf.add_argument("--type", choices=GGUF_TYPES, default="f16",
-                      help="weights: f16 (half size, near-exact), q8_0 (8-bit, quarter size), f32 (exact) [f16]")
+                      help="weights: f16 (half size, near-exact), q8_0 (8-bit), q5_k_m / q4_k_m / q4_0 (5/4-bit, "
+                      "what llama.cpp and Ollama users usually run; need llama-cpp-python), f32 (exact) [f16]")
     gguf.add_argument("--force", action="store_true", help="replace an existing --out file")
     gguf.set_defaults(handler=run_gguf)
 

@@ -20,7 +20,7 @@ class Merged:
     model: object
     tokenizer: object
     template: object  # the training template, or None for a checkpoint saved without template.json
-    tokenizer_dir: Path  # holds tokenizer.model, the SentencePiece vocabulary (GGUF export reads it)
+    tokenizer_dir: Path  # the base's folder: a SentencePiece tokenizer.model there is what GGUF export writes
     name: str
     note: Optional[str] = None  # what the user should know about the numbers
 

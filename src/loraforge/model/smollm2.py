@@ -30,8 +30,11 @@ def is_smollm2(base: Optional[str]) -> bool:
     return base is None or base in _ALIASES
 
 
+BUILD_NAME = f"{SMOLLM2_NAME}-b2"  # b2: SmolLM2's digit-splitting pre-tokenizer restored (older builds lack it)
+
+
 def smollm2_dir() -> Path:
-    return models_dir() / SMOLLM2_NAME
+    return models_dir() / BUILD_NAME
 
 
 def packaged_gguf() -> Path:
@@ -58,6 +61,7 @@ def ensure_smollm2() -> Path:
 def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     """Write the checkpoint (bf16 safetensors, tokenizer, chat template) read from the GGUF file."""
     import torch
+    from tokenizers import pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -70,6 +74,12 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization bar is a plain tqdm
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # The GGUF keeps only the pre-tokenizer's name ("smollm"); SmolLM2's own tokenizer.json splits every
+        # digit before the byte-level step. Put that back, or numbers tokenize unlike the real model (and
+        # unlike llama.cpp reading our GGUF export).
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
         config = loaded.config
