@@ -2,7 +2,6 @@
 `internal error`, misleading messages, and surprises (issue 15). Broken inputs in bulk are in test_fuzz.py."""
 import errno
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loraforge.config import FORMAT_NAMES, TEMPLATE_NAMES
 from loraforge.errors import UserError, first_line
-from loraforge.rundir import CONFIG_FILE, DATA_REPORT_CHART, DATA_REPORT_FILE
+from loraforge.rundir import CONFIG_FILE, DATA_REPORT_FILE
 
 
 def register(sub) -> None:

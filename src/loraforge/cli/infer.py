@@ -122,7 +122,6 @@ def _generate_one(args, sampling, console) -> int:
 def _generate_file(args, sampling, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from loraforge.errors import UserError
     from loraforge.atomic import written_whole
     from loraforge.export.paths import check_output
     from loraforge.infer.batch import answer_rows, read_prompts

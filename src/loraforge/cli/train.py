@@ -5,7 +5,6 @@ import json
 import sys
 
 from rich.console import Console
-from rich.table import Table
 
 from loraforge.cli.data import dataset_options, dataset_override
 from loraforge.config import RunConfig, load_config, recipe_name
@@ -119,7 +118,6 @@ def _run_rank(args, cfg) -> int:
 
 def _train(args, cfg, ranks, prepared=None) -> int:
     from loraforge.cli.evaluate import print_result
-    from loraforge.errors import UserError
     from loraforge.evaluate.report import write_report_safely
     from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
                                   TENSORBOARD_DIR)

@@ -10,7 +10,7 @@ from loraforge.config import LoraSettings
 from loraforge.model.fused import apply_fast_paths, attention, elementwise, support
 from loraforge.model.lora import attach_lora
 from loraforge.train.loop import micro_batch_loss
-from loraforge.train.plan import collate, collate_packed, trained_tokens
+from loraforge.train.plan import collate_packed, trained_tokens
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
