@@ -8,6 +8,7 @@ on to every rank: they finish the same step, rank 0 writes one checkpoint, all e
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -29,9 +30,12 @@ def launch(devices: int, worker_args: list[str], say) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)  # our own message says what happened
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: N ranks must not each take every core
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // devices))
+    # shutdown_timeout (SIGTERM, then SIGKILL after it) is newer than torch 2.11; older ones keep their default.
+    grace = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S} \
+        if "shutdown_timeout" in inspect.signature(LaunchConfig).parameters else {}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=f"loraforge-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                          shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                          **grace)
     try:
         elastic_launch(config, sys.executable)("-m", "loraforge", "train", *worker_args)
         return 0
