@@ -76,7 +76,7 @@ def test_full_disk_inside_torch_save_is_the_promised_message(capsys, tmp_path, m
     import shutil as shutil_module
     from collections import namedtuple
 
-    from loraforge.train import checkpoint as ckpt
+    from loraforge.rundir import latest_checkpoint
 
     real_save, real_usage, folders = torch.save, shutil_module.disk_usage, []
 
@@ -97,7 +97,7 @@ def test_full_disk_inside_torch_save_is_the_promised_message(capsys, tmp_path, m
     assert_user_error(status, err, f"could not write the checkpoint for step 2 in {run_dir}: No space left on device",
                       f"The previous checkpoint ({good}) is intact")
     monkeypatch.undo()
-    assert ckpt.latest_checkpoint(run_dir) == good
+    assert latest_checkpoint(run_dir) == good
 
 
 def test_an_unexpected_pos_with_free_space_stays_a_bug(tmp_path):

@@ -91,13 +91,13 @@ def test_ambiguous_shape_is_an_error(tok, write_jsonl):
 
 
 def test_unknown_shape_lists_columns(tok, write_jsonl):
-    path = write_jsonl("q.jsonl", [{"question": "a", "answer": "b"}])
-    with pytest.raises(UserError, match=r"cannot tell the dataset's shape from its columns \(question, answer\)"):
+    path = write_jsonl("q.jsonl", [{"query": "a", "reply": "b"}])
+    with pytest.raises(UserError, match=r"cannot tell the dataset's shape from its columns \(query, reply\)"):
         run(tok, [{"path": path}])
 
 
 def test_named_shape_with_missing_columns(tok, write_jsonl):
-    path = write_jsonl("q.jsonl", [{"question": "a", "answer": "b"}])
+    path = write_jsonl("q.jsonl", [{"query": "a", "reply": "b"}])
     with pytest.raises(UserError, match=r"format 'input_output' needs the field\(s\) input, output"):
         run(tok, [{"path": path, "format": "input_output"}])
 

@@ -96,10 +96,12 @@ def test_held_out_rows_by_default_and_the_loss_matches_training(short_run, tmp_p
 ])
 def test_bad_input_is_one_clear_message(short_run, tmp_path, args, message):
     args = [a.format(missing=tmp_path / "nowhere", run=short_run) for a in args]
+    eval_file = short_run / "eval.json"  # training's own base-vs-tuned evaluation wrote one
+    before = eval_file.read_bytes() if eval_file.exists() else None
     result = run_cli(*args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (short_run / "eval.json").exists()
+    assert (eval_file.read_bytes() if eval_file.exists() else None) == before, "a refused eval changed eval.json"
 
 
 def test_a_checkpoint_is_evaluated_with_adapter_and_a_wrong_path_is_refused(short_run, tmp_path):

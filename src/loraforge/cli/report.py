@@ -16,8 +16,11 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+from loraforge.rundir import (CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE, SUMMARY_FILE, TEMPLATE_FILE,
+                              check_run_dir)
+
 # The files the report is drawn from, besides config.yaml; any may be missing.
-REPORT_INPUTS = ("summary.json", "metrics.jsonl", "data_report.json", "template.json", "eval.json")
+REPORT_INPUTS = (SUMMARY_FILE, METRICS_FILE, DATA_REPORT_FILE, TEMPLATE_FILE, EVAL_FILE)
 
 
 def run(args) -> int:
@@ -48,9 +51,8 @@ def check_config_file(run_dir: Path) -> None:
     import yaml
 
     from loraforge.errors import UserError
-    from loraforge.infer.session import check_run_dir
 
-    path = check_run_dir(run_dir) / "config.yaml"
+    path = check_run_dir(run_dir) / CONFIG_FILE
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -72,7 +74,7 @@ def malformed_input(run_dir: Path):
         with tempfile.TemporaryDirectory(prefix="loraforge-report-") as tmp:
             copy = Path(tmp) / run_dir.name
             copy.mkdir()
-            for name in ["config.yaml", *present]:
+            for name in [CONFIG_FILE, *present]:
                 if name != culprit:
                     shutil.copyfile(run_dir / name, copy / name)
             try:
