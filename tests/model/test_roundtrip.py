@@ -9,7 +9,7 @@ from loraforge.model.lora import attach_lora
 
 
 def test_reloaded_adapter_gives_the_in_memory_outputs(tiny_model_dir, tmp_path):
-    settings = ModelSettings()  # the tiny model, NF4 with double quant
+    settings = ModelSettings(base="tiny")  # NF4 with double quant
     model = attach_lora(load_base_model(settings, torch.float32, "cpu"), LoraSettings(r=8, dropout=0.0),
                         gradient_checkpointing=False)
     torch.manual_seed(1)

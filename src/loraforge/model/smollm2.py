@@ -7,13 +7,16 @@ ChatML chat template. Only the file is needed: the package's own dependencies ar
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import os
 from pathlib import Path
 from typing import Optional
 
 from loraforge.errors import UserError
 from loraforge.model.cache import build_once, models_dir
+from loraforge.model.quiet import quiet_progress_bars
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 _ALIASES = {SMOLLM2_NAME, f"loraforge/{SMOLLM2_NAME}"}
@@ -68,19 +71,21 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     gguf_file = gguf_file or packaged_gguf()
     folder, name = str(gguf_file.parent), gguf_file.name
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no conversion chatter or progress bars in the middle of `train`
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # no conversion chatter in the middle of `train`
+    quiet = contextlib.ExitStack()
     tqdm_was = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization bar is a plain tqdm
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quiet.enter_context(quiet_progress_bars())  # loading and saving: no bars in the middle of `train`
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's tqdm bar reads TQDM_DISABLE at import
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # The GGUF keeps only the pre-tokenizer's name ("smollm"); SmolLM2's own tokenizer.json splits every
         # digit before the byte-level step. Put that back, or numbers tokenize unlike the real model (and
         # unlike llama.cpp reading our GGUF export).
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights.
         config = loaded.config
         config.dtype = "bfloat16"
@@ -97,8 +102,8 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     finally:
+        quiet.close()
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
         if tqdm_was is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
