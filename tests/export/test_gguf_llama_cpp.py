@@ -21,7 +21,8 @@ from llama_cpp_check import agreement, mean_common_prefix, run_llama_cpp, tokeni
 from tokenizer_corpus import corpus
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                reason="llama-cpp-python is not installed (CI installs it: .ci/run)")
+                                reason="llama-cpp-python is not installed (it compiles llama.cpp; README gives "
+                                "the command that runs these)")
 
 QUANTIZED = ("q8_0", "q4_0", "q4_k_m", "q5_k_m")  # all on the real model; q8_0 and q4_k_m on the tiny ones
 

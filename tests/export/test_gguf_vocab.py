@@ -67,7 +67,7 @@ def test_cli_refuses_a_tokenizer_it_cannot_write(llama3_dir, tmp_path):
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["pre_tokenizer"] = {"type": "Whitespace"}
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    result = run_cli("export", "gguf", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q4_k_m")
+    result = run_cli("export", "gguf", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q8_0")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "convert_hf_to_gguf.py" in result.stderr
     assert not (tmp_path / "x.gguf").exists()

@@ -15,7 +15,8 @@ from loraforge.infer.generate import generate_reply, reply_stop_strings
 from loraforge.rundir import read_run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                reason="llama-cpp-python is not installed (CI installs it: .ci/run)")
+                                reason="llama-cpp-python is not installed (it compiles llama.cpp; README gives "
+                                "the command that runs these)")
 
 QUESTION = "How can I make my writing more concise?"
 STEPS = 24
