@@ -19,9 +19,7 @@ def register(sub) -> None:
     p.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=20 --set lora.r=8 (repeatable)")
-    p.add_argument("--dataset", metavar="PATH", help="train on this dataset (file, glob, save_to_disk folder or Hub "
-                   "id) instead of the recipe's")
-    dataset_options(p)
+    dataset_options(p, "train on")
     p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the newest complete checkpoint of the run directory, or of PATH "
@@ -76,7 +74,7 @@ def _run_rank(args, cfg) -> int:
     """One rank of a multi-device run: rank 0 settles the run directory and writes everything."""
     import torch.distributed as dist
 
-    from loraforge.errors import UserError
+    from loraforge.errors import UserError, first_line
     from loraforge.model.load import select_device
     from loraforge.train import distributed
     from loraforge.train.resume import prepare_run_dir
@@ -109,8 +107,7 @@ def _run_rank(args, cfg) -> int:
         distributed.barrier(ranks)
         return status
     except dist.DistError as e:  # another rank died: say so instead of a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"rank {ranks.rank}: lost contact with the other ranks ({first}); stopping", file=sys.stderr)
+        print(f"rank {ranks.rank}: lost contact with the other ranks ({first_line(e)}); stopping", file=sys.stderr)
         return 1
     finally:
         distributed.stop()

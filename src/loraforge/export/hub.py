@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from loraforge.atomic import SCRATCH_PREFIXES
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
 
 
 def check_push(repo_id: str) -> str:
@@ -57,7 +57,6 @@ def push_folder(folder, repo_id: str, *, private: bool = False, what: str = "mod
     except OfflineModeIsEnabled:
         raise UserError(f"--push-to-hub {repo_id}: offline mode is on (HF_HUB_OFFLINE); unset it to push") from None
     except _network_errors() as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--push-to-hub {repo_id}: could not reach the Hub ({reason}); check your connection "
+        raise UserError(f"--push-to-hub {repo_id}: could not reach the Hub ({first_line(e)}); check your connection "
                         f"and try again. The {what} is saved locally: {folder}") from None
     return str(url)

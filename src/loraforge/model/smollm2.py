@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -73,11 +72,9 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # no conversion chatter in the middle of `train`
     quiet = contextlib.ExitStack()
-    tqdm_was = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF dequantization bar is a plain tqdm
     try:
         quiet.enter_context(quiet_progress_bars())  # loading and saving: no bars in the middle of `train`
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's tqdm bar reads TQDM_DISABLE at import
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's dequantization bar is a plain tqdm
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # The GGUF keeps only the pre-tokenizer's name ("smollm"); SmolLM2's own tokenizer.json splits every
@@ -104,7 +101,3 @@ def build_smollm2(out_dir: Path, gguf_file: Optional[Path] = None) -> None:
     finally:
         quiet.close()
         hf_logging.set_verbosity(verbosity)
-        if tqdm_was is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_was

@@ -138,8 +138,7 @@ def verify_checkpoint(path: Path) -> None:
         try:
             torch.load(path / name, weights_only=True, map_location="cpu")
         except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint {path}: {name} is damaged ({first}); resume from an earlier checkpoint "
+            raise UserError(f"checkpoint {path}: {name} is damaged ({first_line(e)}); resume from an earlier checkpoint "
                             f"in {path.parent}") from None
 
 
