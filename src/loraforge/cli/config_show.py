@@ -18,8 +18,7 @@ def register(sub) -> None:
     show.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config key (repeatable)")
-    show.add_argument("--dataset", metavar="PATH", help="use this dataset instead of the recipe's")
-    dataset_options(show)
+    dataset_options(show, "use")
     show.add_argument("--out", metavar="FILE.yaml", help="write the YAML to this file instead of printing it")
     show.add_argument("--force", action="store_true", help="replace an existing --out file")
     show.set_defaults(handler=run_show)

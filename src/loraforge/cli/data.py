@@ -20,9 +20,7 @@ def register(sub) -> None:
         "rows per source, the shape found, token lengths next to max_length, the trained share and three "
         "examples with the masked part marked. With --out DIR, also writes data_report.json and data_report.png there.")
     i.add_argument("config", nargs="?", help="recipe name or YAML path (default: demo)")
-    i.add_argument("--dataset", metavar="PATH", help="inspect this dataset (file, glob, save_to_disk folder or Hub id) "
-                   "instead of the config's")
-    dataset_options(i)
+    dataset_options(i, "inspect")
     i.add_argument("--template", choices=TEMPLATE_NAMES,
                    help="chat template (default: the config's)")
     i.add_argument("--max-length", type=int, metavar="N", help="max tokens per row (default: the config's)")
@@ -34,8 +32,10 @@ def register(sub) -> None:
     i.set_defaults(handler=run_inspect)
 
 
-def dataset_options(p) -> None:
-    """--format and --column, which describe --dataset (shared by `data inspect` and `train`)."""
+def dataset_options(p, verb: str) -> None:
+    """--dataset PATH and the --format / --column that describe it (`train`, `data inspect`, `config show`)."""
+    p.add_argument("--dataset", metavar="PATH", help=f"{verb} this dataset (file, glob, save_to_disk folder or Hub "
+                   "id) instead of the recipe's")
     p.add_argument("--format", choices=FORMAT_NAMES,
                    help="shape of --dataset (default: auto)")
     p.add_argument("--column", dest="columns", action="append", default=[], metavar="FIELD=COLUMN",
