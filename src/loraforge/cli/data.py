@@ -109,7 +109,7 @@ def run_inspect(args) -> int:
     show(console, prepared.report)
     if out is not None:
         json_path, png_path = write_data_report(prepared, out)
-        console.print(f"\nreport: {json_path}\nlength histogram: {png_path}", markup=False)
+        console.print(f"\nreport: {json_path}\nlength histogram: {png_path}", markup=False, soft_wrap=True)
     return 0
 
 

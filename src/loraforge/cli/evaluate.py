@@ -68,9 +68,9 @@ def print_result(result: dict, console: Console, answers_title: str = "answers (
                       _change(v["base"], v["tuned"], False))
     console.print(table)
     if result.get("loss_note"):
-        console.print(result["loss_note"], markup=False)
+        console.print(result["loss_note"], markup=False, soft_wrap=True)
     if result.get("metric_note"):
-        console.print(result["metric_note"], markup=False)
+        console.print(result["metric_note"], markup=False, soft_wrap=True)
     if result["samples"]:
         answers = Table(title=answers_title, title_justify="left", show_lines=True)
         for col in ("prompt", "base", "fine-tuned", "reference"):
@@ -98,10 +98,11 @@ def run(args) -> int:
         if done == total or done % 10 == 0:
             console.print(f"generated answers for {done}/{total} prompts", markup=False)
 
-    result = evaluate_run(run_dir, opts, log=lambda m: console.print(m, markup=False), progress=progress)
+    say = lambda m: console.print(m, markup=False, soft_wrap=True)  # noqa: E731  unwrapped: paths stay whole
+    result = evaluate_run(run_dir, opts, log=say, progress=progress)
     print_result(result, console)
-    report = write_report_safely(run_dir, say=lambda m: console.print(m, markup=False))
+    report = write_report_safely(run_dir, say=say)
     console.print(f"eval results: {run_dir / EVAL_FILE}" + (f"\nreport:       {report}" if report else ""),
-                  markup=False)
+                  markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0

@@ -133,7 +133,8 @@ def _train(args, cfg, ranks, prepared=None) -> int:
         verify_checkpoint(checkpoint)
     if finished_at(checkpoint) is not None:
         console.print(f"{checkpoint.parent.parent} already finished at step {finished_at(checkpoint)}: nothing to "
-                      f"resume, nothing written. Its adapter: {checkpoint.parent.parent / ADAPTER_DIR}", markup=False)
+                      f"resume, nothing written. Its adapter: {checkpoint.parent.parent / ADAPTER_DIR}", markup=False,
+                      soft_wrap=True)  # unwrapped: paths stay whole whatever the terminal's width
         return 0
     evaluation = None
     try:
@@ -154,7 +155,7 @@ def _train(args, cfg, ranks, prepared=None) -> int:
     finally:  # finished, stopped or failed: report.html shows how far the run got
         # ...but not after a second Ctrl-C/SIGTERM (SystemExit): that one means exit at once.
         report = None if isinstance(sys.exc_info()[1], (SystemExit, KeyboardInterrupt)) or not ranks.is_main else \
-            write_report_safely(run_dir, say=lambda m: console.print(m, markup=False))
+            write_report_safely(run_dir, say=lambda m: console.print(m, markup=False, soft_wrap=True))
     if result is None:  # a rank other than 0: rank 0 reports
         return 0
 
@@ -173,7 +174,7 @@ def _train(args, cfg, ranks, prepared=None) -> int:
                   f"data report:            {d / DATA_REPORT_FILE}\n"
                   f"checkpoints:            {d / CHECKPOINT_DIR}"
                   + (f"\neval (base vs tuned):   {d / EVAL_FILE}" if evaluation is not None else "")
-                  + (f"\nreport:                 {report}" if report else ""))
+                  + (f"\nreport:                 {report}" if report else ""), soft_wrap=True)
     console.print(next_commands(d), markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0
@@ -189,7 +190,7 @@ def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
 
     opts = EvalOptions(metrics=list(cfg.eval.metrics) or ["none"], samples=cfg.samples, rows=cfg.eval.rows,
                        max_new_tokens=cfg.eval.max_new_tokens)
-    say = lambda m: console.print(m, markup=False)  # noqa: E731
+    say = lambda m: console.print(m, markup=False, soft_wrap=True)  # noqa: E731
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 8 == 0:
