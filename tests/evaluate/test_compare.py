@@ -114,9 +114,9 @@ def test_find_adapter_prefers_the_final_adapter_then_the_newest_checkpoint(tmp_p
 # --- the one before/after sampler (train's end-of-run table and eval) ------------------------
 
 class ScriptedModel(torch.nn.Module):
-    """Generates a fixed continuation token by token (through the streamer and the stopping criteria, like
-    `generate`), with the adapter on or off: what a weakly trained model does when it writes the next turn
-    instead of ending its own."""
+    """Generates a fixed continuation token by token for every row of the batch (through the stopping
+    criteria, like `generate`), with the adapter on or off: what a weakly trained model does when it writes
+    the next turn instead of ending its own."""
 
     def __init__(self, tokenizer, tuned: str, base: str):
         super().__init__()
@@ -133,15 +133,15 @@ class ScriptedModel(torch.nn.Module):
         finally:
             self.adapter_on = True
 
-    def generate(self, input_ids, streamer, stopping_criteria, eos_token_id, max_new_tokens, **_):
-        streamer.put(input_ids)
-        out = input_ids
-        for token in self.ids[self.adapter_on][:max_new_tokens]:
-            out = torch.cat([out, torch.tensor([[token]])], dim=1)
-            streamer.put(torch.tensor([token]))
-            if token in eos_token_id or stopping_criteria(out, None).all():
+    def generate(self, input_ids, stopping_criteria, eos_token_id, max_new_tokens, pad_token_id, **_):
+        out, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for token in self.ids[self.adapter_on][:max_new_tokens]:  # every row gets the same script
+            step = torch.where(done, torch.tensor(pad_token_id), torch.tensor(token))
+            out = torch.cat([out, step[:, None]], dim=1)
+            done |= (step == token) & torch.tensor(token in eos_token_id)
+            done |= stopping_criteria(out, None)
+            if done.all():
                 break
-        streamer.end()
         return out
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from loraforge.data.templates import get_template
-from loraforge.infer.generate import ReplyStream, Sampling, check_fits, generate_reply, reply_stop_strings
+from loraforge.infer.generate import (ReplyStream, Sampling, check_fits, generate_replies, generate_reply,
+                                     reply_stop_strings)
 from loraforge.infer.session import load_session
 
 
@@ -55,6 +56,23 @@ def test_greedy_reply_ends_at_eos_and_streams_what_it_returns(session):
     assert reply == expected.strip()
     assert "".join(pieces).strip() == reply
     assert "</s>" not in reply and "[INST]" not in reply
+
+
+def test_batched_greedy_replies_equal_one_by_one_replies_on_the_real_model(smollm2_dir, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    template = get_template("tokenizer", smollm2_tokenizer)
+    # Prompts of different lengths: the short ones are left-padded, and must not see the padding.
+    questions = ["Hi!", "What is the capital of France?", "Name three colours.",
+                 "Explain, step by step and with an example, how a hash map handles collisions."]
+    prompts = [template.prompt([{"role": "user", "content": q}]) for q in questions]
+    stops = reply_stop_strings(template)
+    one_by_one = [generate_reply(model, smollm2_tokenizer, p, max_new_tokens=16, stop_strings=stops) for p in prompts]
+    assert len(set(one_by_one)) == len(prompts) and "Paris" in one_by_one[1]
+    for batch_size in (4, 3):  # one batch; a full batch then a batch of one
+        assert generate_replies(model, smollm2_tokenizer, prompts, max_new_tokens=16, stop_strings=stops,
+                                batch_size=batch_size) == one_by_one
 
 
 def test_sampling_repeats_with_a_seed_and_varies_without_the_same_one(session):

@@ -129,19 +129,21 @@ def loss_side_by_side(model, rows: list[dict], batch_size: int, pad_id: int, dev
 
 
 def generate_both(model, tokenizer, examples: list[dict], template, max_new_tokens: int,
-                  progress: Optional[Callable[[int, int], None]] = None) -> list[tuple[str, str]]:
-    """Greedy answers of the base (adapter off) and the fine-tuned model to each example's prompt."""
-    from loraforge.infer.generate import generate_reply, reply_stop_strings
+                  progress: Optional[Callable[[int, int], None]] = None, batch_size: int = 8) -> list[tuple[str, str]]:
+    """Greedy answers of the base (adapter off) and the fine-tuned model to each example's prompt,
+    `batch_size` prompts at a time."""
+    from loraforge.infer.generate import generate_replies, reply_stop_strings
 
-    kw = dict(max_new_tokens=max_new_tokens, stop_strings=reply_stop_strings(template))  # as `loraforge generate`
-    out = []
-    for i, ex in enumerate(examples):
+    kw = dict(max_new_tokens=max_new_tokens, stop_strings=reply_stop_strings(template),  # as `loraforge generate`
+              batch_size=batch_size)
+    out: list[tuple[str, str]] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [ex["prompt"] for ex in examples[start:start + batch_size]]
         with model.disable_adapter():
-            base = generate_reply(model, tokenizer, ex["prompt"], **kw)
-        tuned = generate_reply(model, tokenizer, ex["prompt"], **kw)
-        out.append((base, tuned))
+            base = generate_replies(model, tokenizer, prompts, **kw)
+        out += zip(base, generate_replies(model, tokenizer, prompts, **kw))
         if progress:
-            progress(i + 1, len(examples))
+            progress(len(out), len(examples))
     return out
 
 
@@ -201,7 +203,8 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
             continue
         truncated = len(row["input_ids"]) >= cfg.data.max_length
         examples.append({"index": sel.indices[pos], "split": sel.split, "truncated": truncated, **ex})
-    answers = generate_both(model, tokenizer, examples, data.template, opts.max_new_tokens, progress) if examples else []
+    answers = generate_both(model, tokenizer, examples, data.template, opts.max_new_tokens, progress,
+                            batch_size) if examples else []
 
     per_row = []
     scored = [ex for ex in examples if not ex["truncated"]]  # a cut-off reference is not a fair target

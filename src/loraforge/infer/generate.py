@@ -159,3 +159,53 @@ def generate_reply(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, t
     finally:
         model.train(was_training)
     return stream.reply
+
+
+class _RowsStopped(StoppingCriteria):
+    """Per row of a batch: done once its reply so far contains a stop string."""
+
+    def __init__(self, tokenizer, stop_strings, prompt_width: int):
+        self.tokenizer, self.stops, self.width = tokenizer, [s for s in stop_strings if s], prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _reply_text(tokenizer, new_ids: list[int], stop_ids: set[int], stop_strings) -> str:
+    """What ReplyStream returns for these new tokens: up to EOS (or a one-token stop), cut at a stop string."""
+    end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
+    text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return (text[:min(cuts)] if cuts else text).strip()
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
+                     stop_strings: tuple[str, ...] = (), batch_size: int = 8) -> list[str]:
+    """Greedy replies to many prompts, `batch_size` at a time: each the reply `generate_reply` gives it.
+
+    Prompts are left-padded and masked, so each row sees only its own tokens. On a CPU one decoding step
+    costs about the same for 8 rows as for one (a 4-bit weight is dequantized once per step either way).
+    """
+    device = next(p for p in model.parameters()).device
+    stop_ids = stop_token_ids(tokenizer, stop_strings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    was_training = model.training
+    model.eval()
+    replies: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start:start + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=stop_ids, pad_token_id=pad, use_cache=True, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None,
+                                 stopping_criteria=StoppingCriteriaList([_RowsStopped(tokenizer, stop_strings, width)]))
+            replies += [_reply_text(tokenizer, row[width:].tolist(), set(stop_ids), stop_strings) for row in out]
+    finally:
+        model.train(was_training)
+    return replies
