@@ -347,5 +347,16 @@ def recipe_description(name: str) -> str:
     return str(read_yaml(RECIPES_DIR / f"{name}.yaml").get("description", "")).strip()
 
 
+def key_paths(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a saved config, a report) as {"section.key": value}: the paths errors and --set use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(key_paths(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def save_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.saved_dict(), sort_keys=False))

@@ -222,11 +222,12 @@ def test_train_with_dataset_keep_best_and_next_commands(capsys, tmp_path, monkey
 
 def test_a_better_earlier_evaluation_is_said(tmp_path):
     from loraforge.config import load_config
+    from loraforge.train.checkpoint import TrainerState
     from loraforge.train.loop import _best_or_final
 
     said = []
-    state = {"best_step": 100, "best_eval_loss": 1.25}
-    _best_or_final(load_config("tiny"), state, 200, tmp_path, model=None, say=said.append)
+    _best_or_final(load_config("tiny"), TrainerState(step=200, best_step=100, best_eval_loss=1.25), tmp_path,
+                   model=None, say=said.append)
     assert "the best eval loss (1.2500) was at step 100, not at the last step (200)" in said[0]
     assert "set train.keep_best=true" in said[0] and "step-000100" in said[0]
 

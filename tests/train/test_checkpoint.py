@@ -56,7 +56,7 @@ def adapter_weights(model) -> dict[str, torch.Tensor]:
 
 
 def save(run_dir, step, parts, keep=3, protect=frozenset(), **state):
-    return ckpt.save_checkpoint(run_dir, step, *parts, dict(state), keep, set(protect))
+    return ckpt.save_checkpoint(run_dir, *parts, ckpt.TrainerState(step=step, **state), keep, set(protect))
 
 
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
@@ -74,7 +74,7 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
                 p.normal_()
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
     state = ckpt.load_checkpoint(path, *fresh)
-    assert state == {"best_step": 2, "step": 3}
+    assert state == ckpt.TrainerState(step=3, best_step=2)
     resumed = [train_step(*fresh) for _ in range(3)]
     assert resumed == straight
     got = adapter_weights(fresh[0])
@@ -92,7 +92,8 @@ def test_checkpoint_files_load_without_pickled_objects(tmp_path):
     rng = torch.load(path / "rng.pt", weights_only=True)
     assert {"python", "numpy", "torch"} <= rng.keys() and isinstance(rng["numpy"][1], torch.Tensor)
     assert load_file(str(path / rundir.CHECKPOINT_ADAPTER_WEIGHTS))
-    assert json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text()) == {"step": 1}
+    assert json.loads((path / rundir.CHECKPOINT_STATE_FILE).read_text()) == {
+        "step": 1, "best_eval_loss": None, "best_step": None, "evals_without_gain": 0, "bad_steps": 0, "world_size": 1}
 
 
 @pytest.mark.parametrize("fault", [RuntimeError("simulated crash"), OSError(28, "No space left on device")],
@@ -121,7 +122,7 @@ def test_a_fault_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"], "no partial folder left"
     assert {p.name: p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
     assert rundir.latest_checkpoint(tmp_path) == good
-    assert ckpt.load_checkpoint(good, *toy())["step"] == 1
+    assert ckpt.load_checkpoint(good, *toy()).step == 1
 
 
 def test_partial_checkpoints_left_by_a_hard_kill_are_ignored(tmp_path):
@@ -338,3 +339,15 @@ def test_evaluation_logs_perplexity_stops_early_and_keeps_the_best_checkpoint(tm
     # save_total_limit=1 keeps the newest, and the best is kept besides.
     assert rundir.list_checkpoints(run_dir) == [(2, best), (4, run_dir / "checkpoints" / "step-000004")]
     assert json.loads((best / rundir.CHECKPOINT_STATE_FILE).read_text())["best_step"] == 2
+
+
+def test_trainer_state_reads_an_older_checkpoint_and_names_a_mistyped_field(tmp_path):
+    older = {"step": 7, "best_eval_loss": 1.5, "best_step": 6, "evals_without_gain": 1, "bad_steps": 0}
+    (tmp_path / rundir.CHECKPOINT_STATE_FILE).write_text(json.dumps(older))  # one device, before world_size
+    assert ckpt.TrainerState.read(tmp_path) == ckpt.TrainerState(7, 1.5, 6, 1, 0, world_size=1)
+    (tmp_path / rundir.CHECKPOINT_STATE_FILE).write_text(json.dumps(dict(older, bad_steps="0", step=True)))
+    with pytest.raises(UserError, match=r"trainer_state.json has no valid step, bad_steps; resume from an earlier"):
+        ckpt.TrainerState.read(tmp_path)
+    state = ckpt.TrainerState(step=3, best_eval_loss=0.5, best_step=2, world_size=2)
+    (tmp_path / rundir.CHECKPOINT_STATE_FILE).write_text(state.to_json())
+    assert ckpt.TrainerState.read(tmp_path) == state

@@ -13,11 +13,14 @@ cannot leave a half-deleted `step-*` folder that looks complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,6 +30,42 @@ from loraforge.errors import UserError, first_line
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_ADAPTER_WEIGHTS, CHECKPOINT_DIR, CHECKPOINT_FILES,
                               CHECKPOINT_OPTIMIZER_FILE, CHECKPOINT_RNG_FILE, CHECKPOINT_SCHEDULER_FILE,
                               CHECKPOINT_STATE_FILE, checkpoint_name, list_checkpoints)
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint carries besides tensors (`trainer_state.json`): the step - which fixes the data
+    position, as the batch plan is a pure function of it - and the bookkeeping that carries on."""
+
+    step: int = 0
+    best_eval_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_without_gain: int = 0
+    bad_steps: int = 0  # non-finite steps skipped so far (train.max_bad_steps)
+    world_size: int = 1  # ranks that wrote it: a checkpoint resumes only on as many
+
+    TYPES = {"step": int, "best_eval_loss": (float, int, type(None)), "best_step": (int, type(None)),
+             "evals_without_gain": int, "bad_steps": int, "world_size": int}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "TrainerState":
+        """The state saved in `checkpoint`; a missing, unreadable or mistyped file is a UserError naming it."""
+        path = Path(checkpoint) / CHECKPOINT_STATE_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"checkpoint {checkpoint}: {CHECKPOINT_STATE_FILE} is not readable JSON "
+                            f"({first_line(e)}); resume from an earlier checkpoint in {Path(checkpoint).parent}") from None
+        raw = raw if isinstance(raw, dict) else {}
+        raw.setdefault("world_size", 1)  # written only by several ranks before it was typed
+        bad = [k for k, t in cls.TYPES.items() if k not in raw or not isinstance(raw[k], t) or isinstance(raw[k], bool)]
+        if bad:
+            raise UserError(f"checkpoint {checkpoint}: {CHECKPOINT_STATE_FILE} has no valid {', '.join(bad)}; resume "
+                            f"from an earlier checkpoint in {Path(checkpoint).parent}")
+        return cls(**{k: raw.get(k) for k in cls.TYPES})
 
 
 def rng_state() -> dict:
@@ -69,10 +108,10 @@ def _clean_scratch(root: Path, keep: Path | None = None) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerState,
                     keep: int, protect: set[int] = frozenset(), *, adapter_state: dict | None = None,
                     optimizer_state: dict | None = None, rngs: list[dict] | None = None) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep` (and `protect`ed steps).
+    """Write checkpoint `state.step` atomically and prune all but the newest `keep` (and `protect`ed steps).
 
     The previous checkpoints are untouched until the new one is complete; any OSError (a full disk)
     propagates after the partial folder is removed. Several ranks (train/distributed.py): rank 0
@@ -81,6 +120,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     _clean_scratch(root)
+    step = state.step
     final = root / checkpoint_name(step)
     with written_whole(final, folder=True) as tmp:
         model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True, state_dict=adapter_state)
@@ -88,11 +128,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
                    tmp / CHECKPOINT_OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / CHECKPOINT_SCHEDULER_FILE)
         rngs = rngs or [rng_state()]
-        for rank, state in enumerate(rngs):
-            torch.save(state, tmp / rng_file(rank))
+        for rank, rank_rngs in enumerate(rngs):
+            torch.save(rank_rngs, tmp / rng_file(rank))
         # Written last: a folder with this file was complete when the rename happened.
-        world = {"world_size": len(rngs)} if len(rngs) > 1 else {}
-        (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(dict(trainer_state, step=step, **world), indent=1))
+        (tmp / CHECKPOINT_STATE_FILE).write_text(dataclasses.replace(state, world_size=len(rngs)).to_json())
     prune_checkpoints(run_dir, keep, protect | {step})
     return final
 
@@ -105,27 +144,13 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset())
             _discard(path)
 
 
-STATE_TYPES = {"step": int, "best_eval_loss": (float, int, type(None)), "best_step": (int, type(None)),
-               "evals_without_gain": int, "bad_steps": int}
-
-
 def verify_checkpoint(path: Path) -> None:
     """Read every file of checkpoint `path` once, before a resume writes anything: a damaged file is a
     UserError naming it, not a failure after the run directory was touched."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    state_path = path / CHECKPOINT_STATE_FILE
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path}: {CHECKPOINT_STATE_FILE} is not readable JSON ({e}); resume from an earlier "
-                        f"checkpoint in {path.parent}") from None
-    bad = [k for k, t in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)
-           or isinstance(state.get(k), bool)] if isinstance(state, dict) else list(STATE_TYPES)
-    if bad:
-        raise UserError(f"checkpoint {path}: {CHECKPOINT_STATE_FILE} has no valid {', '.join(bad)}; resume from an earlier "
-                        f"checkpoint in {path.parent}")
+    TrainerState.read(path)
     try:
         with safe_open(str(path / CHECKPOINT_ADAPTER_WEIGHTS), framework="pt") as f:
             f.keys()
@@ -155,7 +180,7 @@ def rng_file(rank: int) -> str:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int = 0, set_adapter=None,
-                    set_optimizer=None) -> dict:
+                    set_optimizer=None) -> TrainerState:
     """Restore adapter weights, optimizer, scheduler and RNG (this `rank`'s); return the trainer state.
 
     Everything loads with `weights_only=True` or safetensors; a missing or unreadable file is a
@@ -187,10 +212,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, *, rank: int = 0, s
         (set_optimizer or optimizer.load_state_dict)(optimizer_state)
         scheduler.load_state_dict(torch.load(path / CHECKPOINT_SCHEDULER_FILE, weights_only=True))
         set_rng_state(torch.load(path / rng_file(rank), weights_only=True))
-        state = json.loads((path / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
-            raise ValueError(f"{CHECKPOINT_STATE_FILE} holds no step number")
-        return state
+        return TrainerState.read(path)
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError, pickle.UnpicklingError) as e:

@@ -19,7 +19,6 @@ rank's random state (`rng-rank{r}.pt`) and the world size, which a resume must m
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,9 +247,11 @@ def checkpoint_loaders(model, optimizer, ranks: Ranks) -> dict:
 
 
 def checkpoint_world(checkpoint: Path) -> int:
+    from loraforge.train.checkpoint import TrainerState
+
     try:
-        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("world_size", 1))
-    except (OSError, ValueError):
+        return TrainerState.read(checkpoint).world_size
+    except UserError:  # named by verify_checkpoint, which reads every file before the run starts
         return 1
 
 

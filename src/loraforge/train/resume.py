@@ -9,11 +9,11 @@ from typing import Optional
 
 import yaml
 
-from loraforge.config import RunConfig
+from loraforge.config import RunConfig, key_paths
 from loraforge.errors import UserError
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, CHECKPOINT_RNG_FILE,
-                              CHECKPOINT_STATE_FILE, CONFIG_FILE, METRICS_FILE, RUN_MARKERS, is_complete_checkpoint,
-                              latest_checkpoint, looks_like_run_dir)
+                              CHECKPOINT_STATE_FILE, CONFIG_FILE, METRICS_FILE, RUN_MARKERS, SUMMARY_FILE,
+                              is_complete_checkpoint, latest_checkpoint, looks_like_run_dir)
 
 # Keys whose change leaves a resumed run's numbers exactly as an uninterrupted run's: where
 # things are written, how often, and what is only observed (evaluation runs without gradients
@@ -32,24 +32,13 @@ def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def differing_keys(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = key_paths(saved), key_paths(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in HARMLESS_KEYS)
 
 
 def describe_differences(saved: dict, current: dict) -> str:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = key_paths(saved), key_paths(current)
     return "; ".join(f"{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in differing_keys(saved, current))
 
 
@@ -132,10 +121,12 @@ def finished_at(checkpoint: Optional[Path]) -> Optional[int]:
         return None
     import json
 
+    from loraforge.train.checkpoint import TrainerState
+
     try:
-        steps = json.loads((checkpoint.parent.parent / "summary.json").read_text())["steps"]
-        at = int(json.loads((checkpoint / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        steps = json.loads((checkpoint.parent.parent / SUMMARY_FILE).read_text())["steps"]
+        at = TrainerState.read(checkpoint).step
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return None
     return at if isinstance(steps, int) and at >= steps else None
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from loraforge.config import key_paths
 from loraforge.evaluate.report.charts import histogram_chart, loss_chart, throughput_chart
 from loraforge.evaluate.report.markup import card, delta, escape, figure, fmt, table
 from loraforge.rundir import DATA_REPORT_CHART, Run
@@ -117,17 +118,6 @@ def curves_section(metrics: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        else:
-            out.append((key, v))
-    return out
-
-
 DATA_KEYS = (("rows.train", "training rows"), ("rows.eval", "eval rows"), ("rows.eval_from", "eval rows from"),
              ("template.name", "template"), ("train_on", "loss on"), ("max_length", "max_length"),
              ("truncation", "truncation"), ("over_max_length", "rows over max_length"), ("truncated", "truncated"),
@@ -141,7 +131,7 @@ def data_section(report: Optional[dict], run_dir: Path, max_length: Optional[int
     if not report:
         parts.append('<p class="note">No data_report.json in this run.</p>')
         return "\n".join(parts)
-    flat = dict(_flatten(report))
+    flat = key_paths(report)
     png = run_dir / DATA_REPORT_CHART
     chart = None if png.is_file() else histogram_chart(report.get("histogram") or {}, report.get("max_length")
                                                            or max_length)
