@@ -162,6 +162,8 @@ class EvalSettings(Section):
                                "empty: loss only. Also `loraforge eval`'s default for this run.")
     max_new_tokens: int = Field(128, gt=0)
     rows: Optional[int] = Field(None, gt=0, description="Evaluate at most this many held-out rows.")
+    batch_size: Optional[int] = Field(None, gt=0, description="Rows per batch for the loss and the greedy answers "
+                                      "(left-padded); default train.micro_batch_size.")
 
 
 class RunConfig(Section):

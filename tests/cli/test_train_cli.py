@@ -89,6 +89,7 @@ def test_the_default_trains_the_real_model_in_nf4_and_ends_with_base_vs_tuned(sm
             assert "<|im_start|>" not in answer and "<|im_end|>" not in answer
     evaluation = json.loads((smollm2_short_run / "eval.json").read_text())
     assert evaluation["split"] == "eval" and evaluation["rows"] == 2
+    assert evaluation["settings"]["batch_size"] == 32, "the recipe's eval.batch_size, not train.micro_batch_size (2)"
     assert [s["tuned"] for s in evaluation["samples"]] == [s["after"] for s in summary["samples"]]
     adapter = json.loads((smollm2_short_run / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(smollm2_dir)

@@ -87,25 +87,36 @@ def test_merged_checkpoint_equals_the_adapter_on_the_same_float32_base(merged, p
     measured("merged vs adapter on the float32 base", diffs, scale)
 
 
-def test_the_4bit_run_agrees_with_the_merged_model(merged, session, prompts):
+def agreement(quantized_model, exact_model, prompts) -> tuple[float, float, float, float]:
+    """(top-1 agreement over the prompt positions, mean KL(exact || quantized) per position, largest logit
+    difference, largest |logit|)."""
     agree = total = 0
     diffs, kls, scale = [], [], 0.0
     for ids in prompts:
-        quantized, exact = logits(session.model, ids), logits(merged, ids)
-        error = (quantized - exact).abs()
-        diffs.append(error.max().item())
+        quantized, exact = logits(quantized_model, ids), logits(exact_model, ids)
+        diffs.append((quantized - exact).abs().max().item())
         scale = max(scale, exact.abs().max().item())
-        # NF4 rounds every base weight of a 135M model: single logits of unlikely tokens move by many units
-        # (measured up to 27 of 41), so the check is on what decides the answer, the distribution.
         kl = torch.nn.functional.kl_div(quantized.log_softmax(-1), exact.log_softmax(-1), log_target=True,
                                         reduction="none").sum(-1)
         kls.append(kl.mean().item())
         agree += (quantized.argmax(-1) == exact.argmax(-1)).sum().item()
         total += ids.shape[1]
-    print(f"AGREEMENT smollm2 NF4 vs merged: mean KL(merged || NF4) {sum(kls) / len(kls):.3f} nats per position")
-    measured(f"NF4 adapter vs merged float32 (top-1 agreement {agree / total:.0%})", diffs, scale)
-    # Measured 2026-12-02 after the 4-step run: 57% top-1 agreement over the prompt positions, mean KL 1.2 nats:
-    # far weaker than the tiny model's (100%), and an open question (README "How closely they agree"). These bars
-    # catch a regression from there; they do not claim the agreement is good.
-    assert agree / total >= 0.5
-    assert sum(kls) / len(kls) < 2.0
+    return agree / total, sum(kls) / len(kls), max(diffs), scale
+
+
+def test_the_4bit_run_agrees_with_the_merged_model_as_closely_as_nf4_rounding_allows(merged, session, prompts,
+                                                                                    smollm2_dir):
+    tuned_agree, tuned_kl, diff, scale = agreement(session.model, merged, prompts)
+    # The same measure with no adapter at all: the NF4 base against the float32 base it was rounded from.
+    exact_base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    with session.model.disable_adapter():
+        base_agree, base_kl, _, _ = agreement(session.model, exact_base, prompts)
+    print(f"AGREEMENT smollm2 NF4 vs merged: top-1 {tuned_agree:.0%}, mean KL(merged || NF4) {tuned_kl:.3f} nats; "
+          f"NF4 base vs float32 base (no adapter): top-1 {base_agree:.0%}, mean KL {base_kl:.3f} nats")
+    measured(f"NF4 adapter vs merged float32 (top-1 agreement {tuned_agree:.0%})", [diff], scale)
+    # Measured 2026-12-02: 57% / 1.22 nats with the adapter, 60% / 1.17 nats for the base alone - NF4's rounding
+    # of a 135M model's weights (already 4-bit Q4_1 in the GGUF) is the whole gap; int8 gives 90% / 0.06
+    # (README "How closely they agree"). Training, merging and reloading must add nothing measurable to it.
+    assert tuned_agree >= base_agree - 0.05
+    assert tuned_kl <= 1.2 * base_kl + 0.05
+    assert tuned_agree >= 0.5 and tuned_kl < 2.0  # and the rounding itself did not get worse

@@ -29,8 +29,8 @@ def register(sub) -> None:
                    "function(prediction, reference, row) -> float. Repeatable or comma-separated")
     p.add_argument("--samples", type=int, default=5, metavar="N", help="answers shown side by side (default 5)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="generation length (default 128)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="rows per forward pass for the loss "
-                   "(default: the run's train.micro_batch_size)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="rows per batch for the loss and the "
+                   "answers (default: the run's eval.batch_size, else train.micro_batch_size)")
     p.add_argument("--adapter", metavar="PATH", help="evaluate this adapter or checkpoint folder instead of "
                    "RUN_DIR/adapter (default: the final adapter, else the newest checkpoint)")
     p.set_defaults(handler=run)

@@ -111,21 +111,14 @@ def _question(messages: list[dict]) -> str:
 
 def loss_side_by_side(model, rows: list[dict], batch_size: int, pad_id: int, device) -> dict:
     """{responses|all: {base|tuned: {loss, perplexity, tokens}}} on the same rows."""
-    from loraforge.train.loss import mean_token_loss, perplexity
+    from loraforge.train.loss import perplexity, response_and_all_token_loss
 
-    variants = {"responses": rows,
-                "all": [{"input_ids": r["input_ids"], "labels": list(r["input_ids"])} for r in rows]}
-    out = {}
-    for name, variant in variants.items():
-        out[name] = {}
-        for who in ("base", "tuned"):
-            if who == "base":
-                with model.disable_adapter():
-                    loss, n = mean_token_loss(model, variant, batch_size, pad_id, device)
-            else:
-                loss, n = mean_token_loss(model, variant, batch_size, pad_id, device)
-            out[name][who] = {"loss": loss, "perplexity": perplexity(loss), "tokens": n}
-    return out
+    with model.disable_adapter():
+        base = response_and_all_token_loss(model, rows, batch_size, pad_id, device)
+    tuned = response_and_all_token_loss(model, rows, batch_size, pad_id, device)
+    return {name: {who: {"loss": loss, "perplexity": perplexity(loss), "tokens": n}
+                   for who, (loss, n) in (("base", base[name]), ("tuned", tuned[name]))}
+            for name in ("responses", "all")}
 
 
 def generate_both(model, tokenizer, examples: list[dict], template, max_new_tokens: int,
@@ -188,7 +181,7 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
         model, _, device = load_run_model(cfg, adapter_dir)
     else:
         device = str(next(model.parameters()).device)
-    batch_size = opts.batch_size or cfg.train.micro_batch_size
+    batch_size = opts.batch_size or cfg.eval.batch_size or cfg.train.micro_batch_size
     loss = loss_side_by_side(model, sel.rows, batch_size, tokenizer.pad_token_id, device)
 
     # Prompts and references for generation: every row when scoring, else just the samples shown.

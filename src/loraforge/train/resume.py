@@ -22,7 +22,7 @@ from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, CHE
 # model, data, LoRA shape, batch, schedule, seed, step count - is refused on resume.
 HARMLESS_KEYS = {
     "description", "output_dir", "samples", "eval.metrics", "eval.max_new_tokens", "eval.rows",
-    "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
+    "eval.batch_size", "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
     "train.keep_best",
 }
