@@ -320,3 +320,49 @@ def test_a_collapsed_run_is_warned_about():
     assert said[3:] == [None, None], "once"
     healthy = CollapseWatch(vocab_size=1000, learning_rate=2e-4)
     assert all(healthy.check({"step": s, "loss": 2.0 - s / 10, "grad_norm": 0.5}) is None for s in range(1, 9))
+
+
+def test_a_run_with_a_far_too_high_learning_rate_is_warned_about_when_and_after_it_collapses(tmp_path, short_run):
+    from cli_runner import run_cli
+
+    run_dir = tmp_path / "collapse"
+    result = run_cli("train", "tiny", "--set", "train.learning_rate=1e9", "--set", "train.max_steps=6", "--set",
+                     "samples=0", "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = " ".join(result.stdout.split())
+    warning = "training has collapsed: gradient norm 0 for 3 steps"
+    assert out.count(warning) == 2, "said at the step, and again after 'done'"
+    assert out.index("done:") < out.rindex(warning) and "lower train.learning_rate (now 1e+09)" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["warnings"]) == 1 and warning in summary["warnings"][0]
+    assert json.loads((short_run / "summary.json").read_text())["warnings"] == [], "a healthy run: no warning"
+
+
+def test_no_network_gives_one_message_without_the_hubs_retry_lines(tmp_path):
+    import os
+    import socket
+
+    from cli_runner import run_cli
+
+    with socket.socket() as s:  # a port nobody listens on: every connection is refused, as with no network
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    # huggingface_hub backs off 1, 2, 4, 8 s between its retries; made instant so the test takes seconds.
+    (hooks / "sitecustomize.py").write_text("import time\ntime.sleep = lambda seconds: None\n")
+    # HF_HUB_VERBOSITY empty, as in a user's shell (an in-process CLI test of this session may have set it).
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HUB_VERBOSITY": "", "TRANSFORMERS_VERBOSITY": "",
+           "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("train", "--set", "model.base=someone/model", "--output-dir", str(tmp_path / "run"), env=env,
+                     timeout=300)
+    assert result.returncode == 2
+    assert "could not load the tokenizer of 'someone/model'" in result.stderr and "your connection" in result.stderr
+    assert "Retrying" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    debug = run_cli("--debug", "train", "--set", "model.base=someone/model", "--output-dir", str(tmp_path / "run"),
+                    env=dict(env, HF_HOME=str(tmp_path / "hf-debug")), timeout=300)
+    assert "Retrying in" in debug.stderr, "the retries did happen: only their lines were hidden"

@@ -38,8 +38,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its "Retrying in Ns" lines; it resets levels on import
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_VERBOSITY"):  # the hub's "Retrying in Ns" lines among them
+        if not os.environ.get(name):  # read when they are imported: they reset their loggers' levels then
+            os.environ[name] = "error"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -163,6 +163,8 @@ def _train(args, cfg, ranks, prepared=None) -> int:
                   f"{result.last_losses:.3f} (last 10%), {result.tokens_per_s:.0f} tokens/s")
     if result.stopped_early:
         console.print(result.stopped_early)
+    for warning in result.warnings:  # said when it happened; said again where the run's outcome is read
+        console.print(warning, markup=False, soft_wrap=True, style="yellow")
     if evaluation is not None:
         print_result(evaluation, console, answers_title="before and after fine-tuning (greedy, held-out rows)"
                      if evaluation["split"] == "eval" else "before and after fine-tuning (greedy, training rows)")

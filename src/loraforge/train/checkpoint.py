@@ -7,9 +7,10 @@ loadable with `torch.load(weights_only=True)`: no pickled objects), and `trainer
 bookkeeping to carry on: best eval, patience, skipped steps).
 
 Only a folder named `step-NNNNNN` holding every file in `loraforge.rundir.CHECKPOINT_FILES` counts
-as a checkpoint (`rundir.list_checkpoints` finds them). A crash or kill mid-save leaves a `.tmp-*` folder (never picked up, removed at the
-next save); pruning renames a folder to `.trash-*` before deleting it, so a kill mid-prune
-cannot leave a half-deleted `step-*` folder that looks complete.
+as a checkpoint (`rundir.list_checkpoints` finds them). A crash or kill mid-save leaves a `.tmp-*`
+folder (never picked up, removed at the next save); pruning renames a folder to `.trash-*` before
+deleting it, so a kill mid-prune cannot leave a half-deleted `step-*` folder that looks complete.
+`TrainerState` is `trainer_state.json`, typed.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ class TrainerState:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UserError(f"checkpoint {checkpoint}: {CHECKPOINT_STATE_FILE} is not readable JSON "
-                            f"({first_line(e)}); resume from an earlier checkpoint in {Path(checkpoint).parent}") from None
+            raise UserError(f"checkpoint {checkpoint}: {CHECKPOINT_STATE_FILE} is not readable JSON ({first_line(e)}); "
+                            f"resume from an earlier checkpoint in {Path(checkpoint).parent}") from None
         raw = raw if isinstance(raw, dict) else {}
         raw.setdefault("world_size", 1)  # written only by several ranks before it was typed
         bad = [k for k, t in cls.TYPES.items() if k not in raw or not isinstance(raw[k], t) or isinstance(raw[k], bool)]

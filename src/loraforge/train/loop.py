@@ -63,6 +63,7 @@ class TrainResult:
     tokens_per_s: float
     stopped_early: Optional[str] = None
     best_eval: Optional[dict] = None
+    warnings: list[str] = field(default_factory=list)  # said during the run, repeated at its end
     model: object = field(default=None, repr=False)  # the trained model (PEFT), e.g. for the cli's evaluation
 
 
@@ -90,7 +91,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     # On resume, the losses before the checkpoint come from the log, so the summary covers the whole run.
     losses: list[float] = [r["loss"] for r in read_metrics(run_dir) if "loss" in r] if resume_from else []
     throughput = {"tokens": 0, "seconds": 0.0}
-    stopped_early = None
+    stopped_early, warnings = None, []
     collapse = CollapseWatch(len(t.tokenizer), cfg.train.learning_rate)
     with StopOnSignal(announce=t.ranks.is_main) as stop, TrainProgress(t.total_steps, state.step, console) as progress:
         for step in range(state.step, t.total_steps):
@@ -115,6 +116,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
             metrics.log(record)
             if warning := collapse.check(record):
                 say(warning)
+                warnings.append(warning)
             if step_hook:
                 step_hook(step, record)
             progress.update(step + 1, record)
@@ -134,7 +136,7 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
                 break
         checkpoints.save_once(state)
     metrics.close()
-    return _finish(t, cfg, run_dir, state, checkpoints.last, losses, throughput, stopped_early, say)
+    return _finish(t, cfg, run_dir, state, checkpoints.last, losses, throughput, stopped_early, warnings, say)
 
 
 @dataclass
@@ -322,7 +324,8 @@ class _Checkpoints:
 
 
 def _finish(t: _Training, cfg: RunConfig, run_dir: Path, state: TrainerState, last_checkpoint: Optional[Path],
-            losses: list[float], throughput: dict, stopped_early: Optional[str], say) -> Optional[TrainResult]:
+            losses: list[float], throughput: dict, stopped_early: Optional[str], warnings: list[str],
+            say) -> Optional[TrainResult]:
     """The adapter (the best evaluation's with train.keep_best) and summary.json; the result on rank 0."""
     unwrapped = t.accelerator.unwrap_model(t.model)
     if not t.ranks.sharded:
@@ -353,7 +356,7 @@ def _finish(t: _Training, cfg: RunConfig, run_dir: Path, state: TrainerState, la
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step,
         first_losses=_mean(losses[:window]), last_losses=_mean(losses[-window:]),
         tokens_per_s=throughput["tokens"] / throughput["seconds"] if throughput["seconds"] else 0.0,
-        stopped_early=stopped_early,
+        stopped_early=stopped_early, warnings=warnings,
         best_eval={"step": best, "loss": state.best_eval_loss,
                    "checkpoint": str(run_dir / CHECKPOINT_DIR / checkpoint_name(best))} if best else None,
         model=unwrapped)
