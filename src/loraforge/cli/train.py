@@ -54,7 +54,7 @@ def run(args) -> int:
 
 def _launch(args, cfg, devices: int) -> int:
     from loraforge.errors import UserError
-    from loraforge.train import distributed
+    from loraforge.train.checkpoint import check_world
     from loraforge.train.launch import launch
     from loraforge.train.resume import prepare_run_dir
 
@@ -64,7 +64,7 @@ def _launch(args, cfg, devices: int) -> int:
         raise UserError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
     # Settled once, here: every mistake is reported before N processes start, and all ranks get one folder.
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
-    distributed.check_world(checkpoint, devices)
+    check_world(checkpoint, devices)
     worker = ([args.recipe] if args.recipe else []) + [x for o in args.overrides for x in ("--set", o)]
     worker += ["--output-dir", str(run_dir)] + (["--resume", str(checkpoint)] if checkpoint else [])
     return launch(devices, worker, say=lambda m: print(m, file=sys.stderr))
@@ -77,6 +77,7 @@ def _run_rank(args, cfg) -> int:
     from loraforge.errors import UserError, first_line
     from loraforge.model.load import select_device
     from loraforge.train import distributed
+    from loraforge.train.checkpoint import check_world
     from loraforge.train.resume import prepare_run_dir
 
     ranks = distributed.env_ranks(cfg.train.distributed)
@@ -90,7 +91,7 @@ def _run_rank(args, cfg) -> int:
             if ranks.is_main:
                 try:
                     outcome = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
-                    distributed.check_world(outcome[1], ranks.world)
+                    check_world(outcome[1], ranks.world)
                 except UserError as e:
                     outcome = str(e)
             outcome = distributed.broadcast(ranks, outcome)
@@ -120,12 +121,12 @@ def _train(args, cfg, ranks, prepared=None) -> int:
                                   TENSORBOARD_DIR)
     from loraforge.train.loop import TrainingInterrupted, run_training
     from loraforge.train.resume import discard_if_unstarted, finished_at, prepare_run_dir, resume_command
-    from loraforge.train import distributed
+    from loraforge.train.checkpoint import check_world
 
     console = Console(stderr=False, highlight=False, quiet=not ranks.is_main)
     if prepared is None:
         prepared = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
-        distributed.check_world(prepared[1], 1)
+        check_world(prepared[1], 1)
     run_dir, checkpoint = prepared
     if checkpoint is not None:  # every file read once now: a damaged one is named before the run folder is touched
         from loraforge.train.checkpoint import verify_checkpoint

@@ -69,6 +69,25 @@ class TrainerState:
         return cls(**{k: raw.get(k) for k in cls.TYPES})
 
 
+def checkpoint_world(checkpoint: Path) -> int:
+    try:
+        return TrainerState.read(checkpoint).world_size
+    except UserError:  # named by verify_checkpoint, which reads every file before the run starts
+        return 1
+
+
+def check_world(checkpoint: Optional[Path], world: int) -> None:
+    """A checkpoint continues exactly only on as many ranks as wrote it (the split of each step and
+    each rank's random state are part of it): anything else is refused."""
+    if checkpoint is None:
+        return
+    saved = checkpoint_world(checkpoint)
+    if saved != world:
+        how = f"--devices {saved}" if saved > 1 else "without --devices"
+        raise UserError(f"--resume: checkpoint {checkpoint} was written by a run on {saved} device(s), this one has "
+                        f"{world}; resume it on the same number ({how}) to continue it exactly")
+
+
 def rng_state() -> dict:
     """Every random generator training draws from, as tensors and plain Python values."""
     np_state = np.random.get_state()
@@ -135,6 +154,40 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainerSt
         (tmp / CHECKPOINT_STATE_FILE).write_text(dataclasses.replace(state, world_size=len(rngs)).to_json())
     prune_checkpoints(run_dir, keep, protect | {step})
     return final
+
+
+class RunCheckpoints:
+    """The loop's checkpoints: every rank takes part in a save (a sharded model's parts are gathered), rank 0
+    writes; remembers the last one written. `model` is the unwrapped PEFT model, `wrapped` what the ranks run."""
+
+    def __init__(self, run_dir: Path, model, wrapped, optimizer, scheduler, ranks, keep: int, last: Optional[Path]):
+        self.run_dir, self.model, self.wrapped, self.ranks = run_dir, model, wrapped, ranks
+        self.optimizer, self.scheduler, self.keep, self.last = optimizer, scheduler, keep, last
+
+    def save(self, state: TrainerState) -> Path:
+        from loraforge.train import distributed
+
+        protect = {state.best_step} if state.best_step is not None else set()
+        parts = distributed.checkpoint_parts(self.wrapped, self.optimizer, self.ranks, rng_state())  # every rank's
+        saved = error = None
+        try:
+            if self.ranks.is_main:
+                saved = save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, state, self.keep,
+                                        protect, **parts)
+        except OSError as e:
+            error = (f"could not write the checkpoint for step {state.step} in {self.run_dir}: {e.strerror or e}. "
+                     f"The previous checkpoint ({self.last}) is intact; free space and resume")
+        saved, error = distributed.broadcast(self.ranks, (saved, error))
+        if error:
+            raise UserError(error)
+        self.last = saved
+        return saved
+
+    def save_once(self, state: TrainerState) -> Path:
+        """save(state), unless this step was just saved (a best eval, then a signal or the end)."""
+        if self.last is not None and Path(self.last).name == checkpoint_name(state.step):
+            return self.last
+        return self.save(state)
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: set[int] = frozenset()) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -244,27 +243,6 @@ def checkpoint_loaders(model, optimizer, ranks: Ranks) -> dict:
         return {}
     return dict(set_adapter=lambda weights: load_adapter(model, weights, ranks),
                 set_optimizer=lambda state: load_optimizer(model, optimizer, state, ranks))
-
-
-def checkpoint_world(checkpoint: Path) -> int:
-    from loraforge.train.checkpoint import TrainerState
-
-    try:
-        return TrainerState.read(checkpoint).world_size
-    except UserError:  # named by verify_checkpoint, which reads every file before the run starts
-        return 1
-
-
-def check_world(checkpoint: Optional[Path], world: int) -> None:
-    """A checkpoint continues exactly only on as many ranks as wrote it (the split of each step and
-    each rank's random state are part of it): anything else is refused."""
-    if checkpoint is None:
-        return
-    saved = checkpoint_world(checkpoint)
-    if saved != world:
-        how = f"--devices {saved}" if saved > 1 else "without --devices"
-        raise UserError(f"--resume: checkpoint {checkpoint} was written by a run on {saved} device(s), this one has "
-                        f"{world}; resume it on the same number ({how}) to continue it exactly")
 
 
 def parameter_bytes(model) -> dict:

@@ -82,7 +82,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
         say(f"resumed from {resume_from} at step {state.step} of {t.total_steps}")
     metrics = MetricsLog(run_dir, cfg.train.tensorboard, resume_step=state.step if resume_from else None,
                          active=t.ranks.is_main)
-    checkpoints = _Checkpoints(t, cfg, run_dir, last=resume_from)
+    checkpoints = ckpt.RunCheckpoints(run_dir, t.accelerator.unwrap_model(t.model), t.model, t.optimizer, t.scheduler,
+                                      t.ranks, cfg.train.save_total_limit, last=resume_from)
     say(f"training: {len(t.data.train)} rows, {t.total_steps} steps of {t.plan.rows_per_step} rows "
         f"({cfg.train.micro_batch_size} x {cfg.train.gradient_accumulation} accumulation"
         + (f", shared by {t.ranks.world} devices, {t.ranks.mode}" if t.ranks.collective else "")
@@ -269,7 +270,7 @@ def _optimizer_step(t: _Training, cfg: RunConfig, state: TrainerState, step: int
     return lr_used
 
 
-def _evaluate(t: _Training, cfg: RunConfig, state: TrainerState, metrics: MetricsLog, checkpoints: "_Checkpoints",
+def _evaluate(t: _Training, cfg: RunConfig, state: TrainerState, metrics: MetricsLog, checkpoints: ckpt.RunCheckpoints,
               say) -> Optional[str]:
     """Eval loss after `state.step`; a new best is checkpointed. Returns why training stops early, if it does."""
     step = state.step
@@ -290,37 +291,6 @@ def _evaluate(t: _Training, cfg: RunConfig, state: TrainerState, metrics: Metric
         say(stopped := f"early stopping at step {step}: no eval gain in {patience} evaluations")
         return stopped
     return None
-
-
-class _Checkpoints:
-    """Saves checkpoints (every rank takes part, rank 0 writes) and remembers the last one written."""
-
-    def __init__(self, t: _Training, cfg: RunConfig, run_dir: Path, last: Optional[Path]):
-        self.t, self.keep, self.run_dir, self.last = t, cfg.train.save_total_limit, run_dir, last
-
-    def save(self, state: TrainerState) -> Path:
-        t = self.t
-        protect = {state.best_step} if state.best_step is not None else set()
-        parts = distributed.checkpoint_parts(t.model, t.optimizer, t.ranks, ckpt.rng_state())  # every rank's share
-        saved = error = None
-        try:
-            if t.ranks.is_main:
-                saved = ckpt.save_checkpoint(self.run_dir, t.accelerator.unwrap_model(t.model), t.optimizer,
-                                             t.scheduler, state, self.keep, protect, **parts)
-        except OSError as e:
-            error = (f"could not write the checkpoint for step {state.step} in {self.run_dir}: {e.strerror or e}. "
-                     f"The previous checkpoint ({self.last}) is intact; free space and resume")
-        saved, error = distributed.broadcast(t.ranks, (saved, error))
-        if error:
-            raise UserError(error)
-        self.last = saved
-        return saved
-
-    def save_once(self, state: TrainerState) -> Path:
-        """save(state), unless this step was just saved (a best eval, then a signal or the end)."""
-        if self.last is not None and Path(self.last).name == checkpoint_name(state.step):
-            return self.last
-        return self.save(state)
 
 
 def _finish(t: _Training, cfg: RunConfig, run_dir: Path, state: TrainerState, last_checkpoint: Optional[Path],
