@@ -5,7 +5,7 @@ import sys
 
 
 def register(sub) -> None:
-    from loraforge.cli.data import dataset_options
+    from loraforge.cli.data import dataset_options, recipe_options
 
     p = sub.add_parser("config", help="print the resolved config of a recipe (with --set overrides)")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -15,9 +15,7 @@ def register(sub) -> None:
         description="Load RECIPE (a shipped name or a YAML file; default: demo) with the --set overrides, validate "
         "it as `loraforge train` would, and print the result as YAML: a starting point for your own recipe. "
         "Secrets (model.hub_token) are left out.")
-    show.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config key (repeatable)")
+    recipe_options(show, "lora.r=8")
     dataset_options(show, "use")
     show.add_argument("--out", metavar="FILE.yaml", help="write the YAML to this file instead of printing it")
     show.add_argument("--force", action="store_true", help="replace an existing --out file")

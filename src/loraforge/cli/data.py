@@ -19,17 +19,22 @@ def register(sub) -> None:
         description="Load the data as `loraforge train CONFIG` would (only the tokenizer, no weights) and report "
         "rows per source, the shape found, token lengths next to max_length, the trained share and three "
         "examples with the masked part marked. With --out DIR, also writes data_report.json and data_report.png there.")
-    i.add_argument("config", nargs="?", help="recipe name or YAML path (default: demo)")
+    recipe_options(i, "data.train_on=all", dest="config")
     dataset_options(i, "inspect")
     i.add_argument("--template", choices=TEMPLATE_NAMES,
                    help="chat template (default: the config's)")
     i.add_argument("--max-length", type=int, metavar="N", help="max tokens per row (default: the config's)")
-    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.train_on=all (repeatable)")
     i.add_argument("--out", metavar="DIR", help="also write data_report.json/.png into DIR (replacing earlier ones; "
                    "default: write nothing)")
     i.add_argument("--force", action="store_true", help="allow --out to be a training run directory")
     i.set_defaults(handler=run_inspect)
+
+
+def recipe_options(p, example: str, dest: str = "recipe") -> None:
+    """RECIPE and its --set overrides (`train`, `data inspect`, `config show`)."""
+    p.add_argument(dest, nargs="?", help="recipe name or YAML path (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. --set {example} (repeatable)")
 
 
 def dataset_options(p, verb: str) -> None:

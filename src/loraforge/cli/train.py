@@ -6,7 +6,7 @@ import sys
 
 from rich.console import Console
 
-from loraforge.cli.data import dataset_options, dataset_override
+from loraforge.cli.data import dataset_options, dataset_override, recipe_options
 from loraforge.config import RunConfig, load_config, recipe_name
 
 
@@ -16,9 +16,7 @@ def register(sub) -> None:
         description="Fine-tune with QLoRA. RECIPE is a shipped recipe name (see `loraforge recipes`) or a YAML "
         "file; leave it out for the embedded demo (SmolLM2-135M-Instruct learns text-to-SQL, a few minutes on a "
         "CPU). Ends with the base model and the fine-tuned one side by side on the held-out rows (`loraforge eval`).")
-    p.add_argument("recipe", nargs="?", help="recipe name or YAML path (default: demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=20 --set lora.r=8 (repeatable)")
+    recipe_options(p, "train.max_steps=20 --set lora.r=8")
     dataset_options(p, "train on")
     p.add_argument("--output-dir", help="run directory (default: runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
