@@ -174,11 +174,14 @@ class _RowsStopped(StoppingCriteria):
 
 
 def _reply_text(tokenizer, new_ids: list[int], stop_ids: set[int], stop_strings) -> str:
-    """What ReplyStream returns for these new tokens: up to EOS (or a one-token stop), cut at a stop string."""
+    """What ReplyStream returns for these new tokens, up to EOS (or a one-token stop): after it, a finished
+    row of the batch holds only padding."""
     end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
-    text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)
-    cuts = [text.find(s) for s in stop_strings if s and s in text]
-    return (text[:min(cuts)] if cuts else text).strip()
+    stream = ReplyStream(tokenizer, stop_strings)
+    stream.prompt_skipped = True
+    stream.put(torch.tensor(new_ids[:end], dtype=torch.long))
+    stream.end()
+    return stream.reply
 
 
 @torch.no_grad()
