@@ -1,6 +1,7 @@
 """The real `loraforge train` command, driven in temp dirs as a user would."""
 import json
 
+import pytest
 import torch
 
 from cli_runner import SHORT_RUN_STEPS, SMOLLM2_RUN_STEPS, run_cli
@@ -62,6 +63,15 @@ def test_recipes_command_lists_every_recipe_with_a_description():
     for name in ("demo", "llama2-7b-guanaco", "llama2-7b-human-response", "llama2-7b-sql-mix", "llama2-7b-chat-system"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(name + " "))
         assert len(line.split(None, 1)[1]) > 20
+
+
+@pytest.mark.parametrize("group, subcommand", [("data", "inspect"), ("config", "show")])
+def test_a_command_group_alone_prints_its_subcommands(capsys, group, subcommand):
+    from loraforge.cli import main
+
+    assert main([group]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: loraforge {group}" in out and subcommand in out
 
 
 def test_train_help_explains_the_options():

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_group(sub, name: str, help: str):
+    """`loraforge NAME SUBCOMMAND ...` (`data`, `config`): NAME alone prints its help. Returns its subparsers."""
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
+    return p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+
+
 def _quiet_libraries() -> None:
     """Library chatter (deprecations, 'kernels not installed') hides our own output."""
     import warnings

@@ -5,12 +5,10 @@ import sys
 
 
 def register(sub) -> None:
+    from loraforge.cli import command_group
     from loraforge.cli.data import dataset_options, recipe_options
 
-    p = sub.add_parser("config", help="print the resolved config of a recipe (with --set overrides)")
-    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
-    show = csub.add_parser(
+    show = command_group(sub, "config", "print the resolved config of a recipe (with --set overrides)").add_parser(
         "show", help="print the resolved config (every key, defaults filled in) without training",
         description="Load RECIPE (a shipped name or a YAML file; default: demo) with the --set overrides, validate "
         "it as `loraforge train` would, and print the result as YAML: a starting point for your own recipe. "

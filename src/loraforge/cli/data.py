@@ -11,10 +11,9 @@ from loraforge.rundir import CONFIG_FILE, DATA_REPORT_FILE
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="inspect a dataset as training will see it")
-    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    p.set_defaults(handler=lambda args: (p.print_help(), 0)[1])
-    i = dsub.add_parser(
+    from loraforge.cli import command_group
+
+    i = command_group(sub, "data", "inspect a dataset as training will see it").add_parser(
         "inspect", help="rows, shape, token lengths, masking and truncation, without loading the model",
         description="Load the data as `loraforge train CONFIG` would (only the tokenizer, no weights) and report "
         "rows per source, the shape found, token lengths next to max_length, the trained share and three "
