@@ -27,6 +27,23 @@ def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
 
 
 LLAMA3_FIT_STEPS = 60
+# The Llama-3-shaped model's test questions with the answers it is fitted on (as a fine-tune answers what it was
+# trained on): a random model fitted on the demo texts alone meets near-ties (top-2 logit margins ~1e-3) within 32
+# greedy tokens, where f16 rounding (logit error ~0.02) picks either; fitted answers have margins of several logits.
+LLAMA3_CHATS = [
+    ("What causes thunder?", "Lightning heats the air so fast that it expands with a loud bang."),
+    ("Write SELECT * FROM t;", "SELECT * FROM t;"),
+    ("Count: 1 2 3 4 5", "6 7 8 9 10"),
+    ("Ça va? 😀", "Ça va bien, merci! 😀"),
+    ("  spaced  out ", "The text has runs of spaces around two words."),
+    ("def f(x):\n    return x", "This function returns its argument unchanged."),
+    ("Why is the sky blue?", "Air scatters blue light more than red light."),
+    ("Translate 'hello' to French.", "Bonjour."),
+    ("ok", "Glad to help."),
+    ("Name 3 colours.", "Red, green and blue."),
+    # long enough for Llama 3's RoPE scaling to matter (its factors change every frequency with a wavelength > 16)
+    (" ".join(["The weather today is mild."] * 20), "Yes, the weather is mild today."),
+]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -60,12 +77,16 @@ def build_tiny_llama3(out: Path) -> Path:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from loraforge.data.templates import get_template
     from loraforge.model.tiny import DEMO_DATA
     from tokenizer_corpus import CODE, NUMBERS, PROSE, UNICODE, WHITESPACE
 
     texts = [_json.loads(line)["text"] for line in DEMO_DATA.read_text().splitlines() if line.strip()]
     tokenizer = build_llama3_tokenizer(texts + PROSE + CODE + NUMBERS + UNICODE + WHITESPACE)
     tokenizer.chat_template = None
+    template = get_template("llama3", tokenizer)
+    chats = [template.text([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+             for q, a in LLAMA3_CHATS]
     config = LlamaConfig(
         vocab_size=len(tokenizer) + 12, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -76,7 +97,7 @@ def build_tiny_llama3(out: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    fit_briefly(model, tokenizer, texts)
+    fit_briefly(model, tokenizer, texts, chats)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -84,17 +105,27 @@ def build_tiny_llama3(out: Path) -> Path:
     return out
 
 
-def fit_briefly(model, tokenizer, texts, steps: int = LLAMA3_FIT_STEPS) -> None:
-    """A few optimizer steps on the demo texts: a random model's next-token margins are so small that f16
-    arithmetic (llama.cpp's, 2e-2 on logits of 7) flips greedy choices; a slightly trained one is decisive."""
+def fit_briefly(model, tokenizer, texts, chats, steps: int = LLAMA3_FIT_STEPS) -> None:
+    """A few optimizer steps on the demo texts, each batch also holding the test's chats: a random model's
+    next-token margins are so small that f16 arithmetic (llama.cpp's, 2e-2 on logits of 7) flips greedy choices;
+    a slightly trained one is decisive."""
     ids = torch.tensor([i for text in texts for i in tokenizer(text).input_ids])
     rows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    chat_ids = [tokenizer(chat, add_special_tokens=False).input_ids for chat in chats]  # the template writes BOS
+    width = max(len(i) for i in chat_ids)
+    chat_rows = torch.full((len(chat_ids), width), tokenizer.pad_token_id)
+    chat_labels = torch.full((len(chat_ids), width), -100)
+    for row, chat in enumerate(chat_ids):
+        chat_rows[row, :len(chat)] = torch.tensor(chat)
+        chat_labels[row, :len(chat)] = torch.tensor(chat)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
         batch = rows[torch.randint(len(rows), (16,), generator=generator)]
-        model(input_ids=batch, labels=batch).loss.backward()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss + model(input_ids=chat_rows, labels=chat_labels).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
@@ -103,3 +134,8 @@ def fit_briefly(model, tokenizer, texts, steps: int = LLAMA3_FIT_STEPS) -> None:
 @pytest.fixture(scope="session")
 def llama3_dir(tmp_path_factory) -> Path:
     return build_tiny_llama3(tmp_path_factory.mktemp("llama3") / "tiny-llama3")
+
+
+@pytest.fixture(scope="session")
+def llama3_questions() -> list[str]:
+    return [question for question, _ in LLAMA3_CHATS]

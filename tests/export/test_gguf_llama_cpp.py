@@ -46,7 +46,7 @@ def held_out_prompts(merged, info) -> list[str]:
     return [prompt_and_reference(row, merged.tokenizer, data.template)["prompt"] for row in data.eval]
 
 
-def check_family(merged, tmp_path, prompts, label, f16_source=None, quantized=QUANTIZED, f16_bar=0.95):
+def check_family(merged, tmp_path, prompts, label, f16_source=None, quantized=QUANTIZED):
     """Tokenization corpus and greedy agreement of every type; returns {type: agreement}."""
     from loraforge.export.gguf import write_gguf
 
@@ -78,7 +78,7 @@ def check_family(merged, tmp_path, prompts, label, f16_source=None, quantized=QU
               f"({path.stat().st_size / 2**20:.1f} MiB)")
         if out_type == "q8_0":  # its answers start as the merged model's do (measured 10/10 on SmolLM2)
             assert agreement(got["answers"], expected, tokens=1) >= 0.7, f"{out_type}: first tokens differ"
-    assert measured["f16"] >= f16_bar
+    assert measured["f16"] >= 0.95
     return measured
 
 
@@ -101,7 +101,7 @@ def test_smollm2_finetune_agrees_in_llama_cpp(smollm2_run, tmp_path):
     check_family(merged, tmp_path, prompts, "smollm2", f16_source=out)
 
 
-def test_llama3_shaped_model_agrees_in_llama_cpp(llama3_dir, tmp_path):
+def test_llama3_shaped_model_agrees_in_llama_cpp(llama3_dir, llama3_questions, tmp_path):
     from loraforge.data.templates import get_template
     from loraforge.export.gguf import load_merged_folder
 
@@ -115,15 +115,9 @@ def test_llama3_shaped_model_agrees_in_llama_cpp(llama3_dir, tmp_path):
 
     merged = load_merged_folder(llama3_dir)
     template = get_template("llama3", merged.tokenizer)
-    prompts = [template.prompt([{"role": "user", "content": q}]) for q in
-               ("What causes thunder?", "Write SELECT * FROM t;", "Count: 1 2 3 4 5", "Ça va? 😀", "  spaced  out ",
-                "def f(x):\n    return x", "Why is the sky blue?", "Translate 'hello' to French.", "ok", "Name 3 colours.")]
-    # long enough for Llama 3's RoPE scaling to matter (its factors change every frequency with a wavelength > 16)
-    prompts.append(template.prompt([{"role": "user", "content": " ".join(["The weather today is mild."] * 20)}]))
-    # Random weights fitted for 60 steps: next-token margins near f16's rounding on some of these 11 prompts, so one
-    # greedy answer may part after a near-tie (measured 10/11 on 2026-12-02; its logits agree to ~0.02 everywhere).
-    check_family(merged, tmp_path, prompts, "llama3-shaped", quantized=("q8_0", "q4_k_m"), f16_bar=10 / 11)
-
+    # the questions the fixture fitted it to answer (conftest.LLAMA3_CHATS says why)
+    prompts = [template.prompt([{"role": "user", "content": question}]) for question in llama3_questions]
+    check_family(merged, tmp_path, prompts, "llama3-shaped", quantized=("q8_0", "q4_k_m"))
 
 def test_sentencepiece_tiny_model_agrees_in_llama_cpp(short_run, tmp_path):
     from loraforge.export.merge import merge_run
