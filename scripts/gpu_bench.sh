@@ -11,6 +11,12 @@
 #                   then w1 and w2 with the workload's own settings, as in docs/benchmarks.md
 # Needs carried: .whl (../shared/device/wheels.sh pydantic==2.13.4 pydantic-core==2.46.4 annotated-types
 # typing-inspection), .whl_peers (../shared/bench/peer_wheels.sh), .bench (a copy of ../shared/bench).
+#   PHASE=final     GPU checks, then in one call (one device call may be all a session gets): the three
+#                   recipes' rows as in PHASE=recipes, then w1 and w2 with the workload's own settings
+#   BEFORE_SRC=DIR  (recipes) also runs the human-response row with the loraforge sources in DIR (e.g. the last
+#                   commit's: git archive HEAD src), in the same call: a before/after of a change
+#   PYPROF=1        (recipes) then the human-response row once more under cProfile (15 steps): the host's Python
+#                   time by function, $OUT/pyprof_*.txt (the w1 rows are bound by the host, not the device)
 # Usage on the host (project root): PHASE=recipes bash scripts/gpu_bench.sh
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false UNSLOTH_DISABLE_STATISTICS=1
@@ -34,6 +40,8 @@ run() {
   local cmd pp=$BASE
   case $runner in
     ours)    cmd=(python3 -m loraforge.bench) ;;
+    pyprof)  cmd=(python3 -m cProfile -o $OUT/pyprof.out -m loraforge.bench) ;;
+    before)  cmd=(python3 -m loraforge.bench); pp=/tmp/site:$PWD/$BEFORE_SRC ;;
     hf)      cmd=(python3 .bench/hf_baseline.py --workload "$w" --arch "$arch" --dir $D --steps "$steps" --warmup 5) ;;
     unsloth) cmd=(python3 .bench/unsloth_baseline.py --workload "$w" --arch "$arch" --dir $D --steps "$steps" --warmup 5)
              pp=/tmp/peers:$BASE ;;
@@ -52,17 +60,33 @@ run() {
 
 lora_of() { PYTHONPATH=$BASE python3 -m loraforge.bench lora-env "$1"; }
 
-if [ "$PHASE" = recipes ]; then
+if [ "$PHASE" = recipes ] || [ "$PHASE" = final ]; then
   (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1; echo built > $D/built) &
-  PYTHONPATH=$BASE timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py 2>&1 \
-    | grep -E "GPUCHECK|passed|failed|Error|error" > "$OUT/gpu_checks.txt"
+  PYTHONPATH=$BASE timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py \
+    tests/train/test_optim.py 2>&1 | grep -E "GPUCHECK|passed|failed|Error|error" > "$OUT/gpu_checks.txt"
   el "gpu checks done"; cat "$OUT/gpu_checks.txt" >> "$L"
   wait; el "7b checkpoint ready"
-  for recipe in llama2-7b-guanaco llama2-7b-human-response llama2-7b-sql-mix; do
+  for recipe in llama2-7b-human-response llama2-7b-guanaco llama2-7b-sql-mix; do
     lora=$(lora_of $recipe); el "$recipe: $lora"
     run ours w1 7b "$recipe" 30 BENCH_RECIPE=$recipe $lora
     run unsloth w1 7b "$recipe" 30 $lora
+    if [ -n "${BEFORE_SRC:-}" ] && [ "$recipe" = llama2-7b-human-response ]; then
+      run before w1 7b "$recipe" 30 BENCH_RECIPE=$recipe $lora
+    fi
   done
+  if [ "$PHASE" = final ]; then
+    run ours w1 7b "w1 (workload LoRA)" 30
+    run unsloth w1 7b "w1 (workload LoRA)" 30
+    run ours w2 7b "w2 (workload LoRA)" 20
+    run unsloth w2 7b "w2 (workload LoRA)" 20
+  fi
+  if [ -n "${PYPROF:-}" ]; then
+    lora=$(lora_of llama2-7b-human-response)
+    run pyprof w1 7b "human-response under cProfile" 15 BENCH_RECIPE=llama2-7b-human-response $lora
+    for key in tottime cumtime; do
+      python3 -c "import pstats; pstats.Stats('$OUT/pyprof.out').sort_stats('$key').print_stats(70)" > $OUT/pyprof_$key.txt 2>&1
+    done
+  fi
 else
   (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1) &
   (PYTHONPATH=$BASE timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py -k "fp16" \

@@ -129,7 +129,7 @@ class TrainSettings(Section):
     fused_layers: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused Llama training forward (model/fused/); auto: on for supported models on CUDA.")
     liger_kernels: Literal["auto", "on", "off"] = Field(
-        "auto", description="liger-kernel's Triton RMSNorm/RoPE/SiLU-mul in the fused forward; auto: where installed, on CUDA.")
+        "auto", description="liger-kernel's Triton RoPE/SiLU-mul in the fused forward; auto: where installed, on CUDA.")
     offload_activations: Literal["auto", "on", "off"] = Field(
         "auto", description="Keep layer checkpoints in pinned CPU memory; auto: on with the fused path and checkpointing.")
     max_tokens_per_micro_batch: Optional[int] = Field(

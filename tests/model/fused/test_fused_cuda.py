@@ -22,7 +22,8 @@ def _rel(a, b):
 
 @cuda
 def test_cuda_kernels_match_torch_reference():
-    """liger RMSNorm/RoPE/SiLU-mul and varlen flash attention vs the torch ops in fp32; prints the errors."""
+    """RMSNorm (torch's CUDA kernel), liger RoPE/SiLU-mul and varlen flash attention vs the torch ops in fp64;
+    prints the errors."""
     dev, bf = "cuda", torch.bfloat16
     liger = support.liger_ops()
     torch.manual_seed(0)
@@ -34,8 +35,8 @@ def test_cuda_kernels_match_torch_reference():
         norm.weight = torch.nn.Parameter(torch.rand(H * D, device=dev, dtype=bf) + 0.5, requires_grad=False)
         norm.variance_epsilon = 1e-5
         dy = torch.randn(T, H * D, device=dev, dtype=bf)
-        got = elementwise.rms_norm(x, norm, liger)
-        (gx,) = torch.autograd.grad(got, x, dy.clone())  # liger writes dX over dY
+        got = elementwise.rms_norm(x, norm)
+        (gx,) = torch.autograd.grad(got, x, dy.clone())
         xr = x.detach().double().requires_grad_(True)
         ref = norm.weight.double() * (xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5))
         (rx,) = torch.autograd.grad(ref, xr, dy.double())
@@ -127,3 +128,22 @@ def test_cuda_fused_forward_matches_plain_path(tmp_path, dtype, lora, double_qua
           f"rel {rel:.2e}; worst LoRA grad rel_err {worst:.2e}; on: {report.on}")
     assert rel < 1e-2
     assert worst < 5e-2
+
+
+@cuda
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single"])
+def test_dense_weight_calls_bitsandbytes_kernels_directly_with_the_same_result(nested):
+    """weights.dense_weight skips the torch.library dispatch of bitsandbytes' ops (host time): same values."""
+    import types
+
+    import bitsandbytes.functional as bnbf
+
+    from loraforge.model.fused import weights
+
+    assert weights._cuda_impls() is not None, "this bitsandbytes' CUDA functions moved: dense_weight uses the ops"
+    torch.manual_seed(0)
+    w = torch.randn(384, 1024, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)
+    packed.quant_state = state
+    got = weights.dense_weight(types.SimpleNamespace(weight=packed), torch.bfloat16)
+    assert torch.equal(got, bnbf.dequantize_4bit(packed, state))

@@ -6,7 +6,7 @@ Each piece reads alone:
 - `projection`: the QLoRA projection nodes - base matmul + LoRA with PEFT's dropout, one autograd node
   per group of projections sharing an input, and down_proj fused with SiLU-mul;
 - `attention`: the packed, padding-free stream and varlen flash attention over it;
-- `elementwise`: RMSNorm, RoPE, SiLU-mul (liger's Triton kernels on CUDA, torch elsewhere);
+- `elementwise`: RMSNorm (torch's CUDA kernel), RoPE, SiLU-mul (liger's Triton kernels on CUDA), torch elsewhere;
 - `loss`: chunked linear + cross-entropy;
 - `offload`: half-layer checkpoints, optionally in pinned CPU memory;
 - `forward`: the decoder forward that puts them together;

@@ -35,7 +35,7 @@ def attention_block(layer: nn.Module, h: torch.Tensor, cos, sin, seg: Segments, 
     attn = layer.self_attn
     n = h.shape[0]
     head_dim = attn.head_dim
-    x = rms_norm(h, layer.input_layernorm, liger)
+    x = rms_norm(h, layer.input_layernorm)
     q, k, v = project(x, [attn.q_proj, attn.k_proj, attn.v_proj], getattr(attn, "_loraforge_qkv_group", None))
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     q, k = rope(q, k, cos, sin, liger)
@@ -47,7 +47,7 @@ def attention_block(layer: nn.Module, h: torch.Tensor, cos, sin, seg: Segments, 
 def mlp_block(layer: nn.Module, h: torch.Tensor, cos=None, sin=None, seg=None, liger=None) -> torch.Tensor:
     """h + MLP(norm(h)) of one Llama decoder layer."""
     mlp = layer.mlp
-    x = rms_norm(h, layer.post_attention_layernorm, liger)
+    x = rms_norm(h, layer.post_attention_layernorm)
     g, u = project(x, [mlp.gate_proj, mlp.up_proj])
     return h + swiglu_down(g, u, mlp.down_proj, liger)
 
@@ -79,7 +79,7 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
             for block in (attention_block, mlp_block):
                 run = functools.partial(block, layer, cos=cos, sin=sin, seg=seg, liger=liger)
                 h = LayerCheckpoint.apply(h, run, offloader, settings.dropout) if settings.checkpoint else run(h)
-        h = rms_norm(h, body.norm, liger)
+        h = rms_norm(h, body.norm)
         if num_items_in_batch is None:
             scale = 1.0 / max(1, int((targets != -100).sum()))
         else:

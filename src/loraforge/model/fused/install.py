@@ -86,7 +86,7 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     if grouped:
         report.on.append(f"q/k/v NF4 weights stacked ({grouped} layers)")
     if use_liger:
-        report.on.append("liger RMSNorm/RoPE/SiLU-mul")
+        report.on.append("liger RoPE/SiLU-mul")
     if use_offload:
         report.on.append("CPU-offloaded checkpoints")
     say("fast paths: " + ", ".join(report.on))

@@ -102,18 +102,25 @@ class LayerCheckpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = ctx.run(h)
         else:
-            cpu_state, device_state = ctx.rng
-            with torch.random.fork_rng(devices=[h.device] if h.is_cuda else [], device_type=h.device.type):
-                torch.set_rng_state(cpu_state)
-                if device_state is not None:
-                    torch.cuda.set_rng_state(device_state, h.device)
+            before = _rng_state(h.device)
+            _set_rng_state(ctx.rng, h.device)
+            try:
                 with torch.enable_grad():
                     out = ctx.run(h)
+            finally:
+                _set_rng_state(before, h.device)
         torch.autograd.backward(out, dout)
         ctx.run = ctx.rng = None
         return h.grad, None, None, None
 
 
-def _rng_state(device: torch.device):
-    """The generator states a dropout on `device` draws from: (CPU, CUDA device or None)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator a dropout on `device` draws from (that device's own; the CPU's for the CPU)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

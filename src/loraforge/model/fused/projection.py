@@ -100,6 +100,8 @@ def _lora_up_grads(x, dt, with_lora: list[Projection], masks, dx: Optional[torch
             out.append(dA[r0:r0 + r].to(p.lora_A.dtype))
             r0 += r
         return out, dx
+    if _stackable(with_lora, masks):
+        return _lora_up_grads_stacked(x, dt, with_lora, masks, dx)
     out, r0 = [], 0
     for p, mask in zip(with_lora, masks):
         r = p.lora_A.shape[0]
@@ -117,13 +119,35 @@ def _lora_up_grads(x, dt, with_lora: list[Projection], masks, dx: Optional[torch
     return out, dx
 
 
+def _stackable(with_lora: list[Projection], masks) -> bool:
+    """Several projections, each with a mask, one dropout p and one rank (PEFT's usual set-up)."""
+    return (len(with_lora) > 1 and all(m is not None for m in masks)
+            and len({(p.dropout, p.lora_A.shape) for p in with_lora}) == 1)
+
+
+def _lora_up_grads_stacked(x, dt, with_lora: list[Projection], masks, dx):
+    """_lora_up_grads for k projections with dropout as batched matmuls over a (k, tokens, in) stack:
+    a handful of launches instead of eight per projection (the host, not the device, bounds small-rank steps)."""
+    k, (r, _) = len(with_lora), with_lora[0].lora_A.shape
+    p = with_lora[0].dropout
+    mask = torch.stack(masks)  # (k, tokens, in) bool
+    dt3 = dt.view(x.shape[0], k, r).transpose(0, 1)  # (k, tokens, r)
+    xd = redropped(x, mask, p)  # each projection's dropout(x), (k, tokens, in)
+    dA = torch.bmm(dt3.transpose(1, 2), xd)  # (k, r, in)
+    del xd
+    if dx is not None:  # dropout's backward: the gradient through the kept values, times 1 / (1 - p)
+        a3 = torch.stack([q.lora_A for q in with_lora]).to(x.dtype)
+        dx.add_(torch.bmm(dt3, a3).mul_(mask).sum(0), alpha=1.0 / (1.0 - p))
+    return [dA[i].to(q.lora_A.dtype) for i, q in enumerate(with_lora)], dx
+
+
 # --- the nodes -------------------------------------------------------------------------------------
 
 class LoRAProjections(torch.autograd.Function):
     """y_i = x W_i^T + s_i (dropout_i(x) A_i^T) B_i^T for projections sharing the input x, as one node.
 
-    Saves x, t = [dropout_1(x) A_1^T, ...] (tokens x sum of ranks) and the dropout masks; the weights
-    are dequantized again in backward. Matmuls run in x's dtype (bf16/fp16 on GPUs, as autocast does);
+    Saves x, t = [dropout_1(x) A_1^T, ...] (tokens x sum of ranks), the dropout masks and, for a group,
+    the small block-diagonal B; the base weights are dequantized again in backward. Matmuls run in x's dtype (bf16/fp16 on GPUs, as autocast does);
     LoRA gradients come back in the parameters' dtype (fp32). With a QuantGroup the projections'
     weights are one stacked matrix and the output is one (tokens, sum of outputs) tensor; otherwise
     one output each.
@@ -136,14 +160,16 @@ class LoRAProjections(torch.autograd.Function):
         with_lora = [p for p in projs if p.lora_A is not None]
         t, masks = _lora_down(x, with_lora, dtype)
         ctx.has_mask = [m is not None for m in masks]
-        ctx.save_for_backward(x, t, *[m for m in masks if m is not None])
         if group is not None:
             w = group.dense(dtype)
             y = x @ w.t()
             del w
+            b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
             if with_lora:
-                y.addmm_(t, _b_blocks(projs, dtype).t())
+                y.addmm_(t, b_blk.t())
+            ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
             return y
+        ctx.save_for_backward(x, t, None, *[m for m in masks if m is not None])
         outs, r0 = [], 0
         for p in projs:
             w = dense_weight(p.base, dtype)
@@ -158,7 +184,7 @@ class LoRAProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, t, *kept = ctx.saved_tensors
+        x, t, b_blk, *kept = ctx.saved_tensors
         kept = iter(kept)
         masks = [next(kept) if has else None for has in ctx.has_mask]
         projs, group = ctx.projs, ctx.group
@@ -174,7 +200,6 @@ class LoRAProjections(torch.autograd.Function):
                 del w
             if not with_lora:
                 return (dx, None, None)
-            b_blk = _b_blocks(projs, dtype)
             dt = dy @ b_blk  # d(dropout(x) A^T) with the scales, (tokens, sum r)
             dB_full = dy.t() @ t  # (sum out, sum r): the diagonal blocks are the LoRA B gradients / scale
             dBs, o, r0 = [], 0, 0

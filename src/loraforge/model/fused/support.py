@@ -18,12 +18,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 def liger_ops():
     """liger-kernel's Triton functions, or None when it is not installed."""
     try:
-        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.rope import LigerRopeFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction, swiglu_backward, swiglu_forward
     except Exception:  # noqa: BLE001 - missing package or a Triton that cannot load
         return None
-    return types.SimpleNamespace(rms_norm=LigerRMSNormFunction, rope=LigerRopeFunction, silu_mul=LigerSiLUMulFunction,
+    return types.SimpleNamespace(rope=LigerRopeFunction, silu_mul=LigerSiLUMulFunction,
                                  swiglu_forward=swiglu_forward, swiglu_backward=swiglu_backward)
 
 
