@@ -147,8 +147,8 @@ class LoRAProjections(torch.autograd.Function):
     """y_i = x W_i^T + s_i (dropout_i(x) A_i^T) B_i^T for projections sharing the input x, as one node.
 
     Saves x, t = [dropout_1(x) A_1^T, ...] (tokens x sum of ranks), the dropout masks and, for a group,
-    the small block-diagonal B; the base weights are dequantized again in backward. Matmuls run in x's dtype (bf16/fp16 on GPUs, as autocast does);
-    LoRA gradients come back in the parameters' dtype (fp32). With a QuantGroup the projections'
+    the small block-diagonal B; the base weights are dequantized again in backward. Matmuls run in x's
+    dtype (bf16/fp16 on GPUs, as autocast does); LoRA gradients come back in the parameters' dtype (fp32). With a QuantGroup the projections'
     weights are one stacked matrix and the output is one (tokens, sum of outputs) tensor; otherwise
     one output each.
     """
