@@ -148,9 +148,9 @@ class LoRAProjections(torch.autograd.Function):
 
     Saves x, t = [dropout_1(x) A_1^T, ...] (tokens x sum of ranks), the dropout masks and, for a group,
     the small block-diagonal B; the base weights are dequantized again in backward. Matmuls run in x's
-    dtype (bf16/fp16 on GPUs, as autocast does); LoRA gradients come back in the parameters' dtype (fp32). With a QuantGroup the projections'
-    weights are one stacked matrix and the output is one (tokens, sum of outputs) tensor; otherwise
-    one output each.
+    dtype (bf16/fp16 on GPUs, as autocast does); LoRA gradients come back in the parameters' dtype
+    (fp32). With a QuantGroup the projections' weights are one stacked matrix and the output is one
+    (tokens, sum of outputs) tensor; otherwise one output each.
     """
 
     @staticmethod
