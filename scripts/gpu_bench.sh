@@ -60,6 +60,13 @@ run() {
 
 lora_of() { PYTHONPATH=$BASE python3 -m loraforge.bench lora-env "$1"; }
 
+w1_w2_rows() {  # the shared workloads with their own settings, ours then Unsloth
+  run ours w1 7b "w1 (workload LoRA)" 30
+  run unsloth w1 7b "w1 (workload LoRA)" 30
+  run ours w2 7b "w2 (workload LoRA)" 20
+  run unsloth w2 7b "w2 (workload LoRA)" 20
+}
+
 if [ "$PHASE" = recipes ] || [ "$PHASE" = final ]; then
   (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1; echo built > $D/built) &
   PYTHONPATH=$BASE timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py \
@@ -74,12 +81,7 @@ if [ "$PHASE" = recipes ] || [ "$PHASE" = final ]; then
       run before w1 7b "$recipe" 30 BENCH_RECIPE=$recipe $lora
     fi
   done
-  if [ "$PHASE" = final ]; then
-    run ours w1 7b "w1 (workload LoRA)" 30
-    run unsloth w1 7b "w1 (workload LoRA)" 30
-    run ours w2 7b "w2 (workload LoRA)" 20
-    run unsloth w2 7b "w2 (workload LoRA)" 20
-  fi
+  [ "$PHASE" = final ] && w1_w2_rows
   if [ -n "${PYPROF:-}" ]; then
     lora=$(lora_of llama2-7b-human-response)
     run pyprof w1 7b "human-response under cProfile" 15 BENCH_RECIPE=llama2-7b-human-response $lora
@@ -102,10 +104,7 @@ W.build_checkpoint('l3', '$D/model-l3'); W.write_workload('w3', 'l3', '$D/w3-l3.
   export BENCH_MAX_LENGTH=1024
   run ours w1 7b "llama2-7b-human-response (again, + profile)" 30 BENCH_RECIPE=llama2-7b-human-response \
     BENCH_PROFILE=$OUT/prof_human_response.txt $(lora_of llama2-7b-human-response)
-  run ours w1 7b "w1 (workload LoRA)" 30
-  run unsloth w1 7b "w1 (workload LoRA)" 30
-  run ours w2 7b "w2 (workload LoRA)" 20
-  run unsloth w2 7b "w2 (workload LoRA)" 20
+  w1_w2_rows
 fi
 
 python3 - "$R" <<'PY' | tee "$OUT/${PHASE}_table.md"

@@ -49,6 +49,20 @@ def test_refuses_to_overwrite_an_existing_run(short_run):
     assert sorted(p.name for p in short_run.iterdir()) == before
 
 
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_the_recipes_bitsandbytes_optimizers_train_through_the_cli(optimizer, tmp_path):
+    """The 7B recipes' optimizers (train/optim.py's bitsandbytes step) on the tiny model, as a user sets one."""
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "tiny", "--set", f"train.optimizer={optimizer}", "--set", "train.max_steps=3",
+                     "--set", "train.logging_steps=1", "--set", "samples=0", "--set", "data.max_length=64",
+                     "--output-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and "eval" not in line]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert torch.load(run_dir / "checkpoints" / "step-000003" / "optimizer.pt", weights_only=True)["state"]
+
+
 def test_config_errors_exit_2_before_any_loading(tmp_path):
     result = run_cli("train", "tiny", "--set", "lora.r=0", "--set", "train.optimizer=sgd", "--output-dir", str(tmp_path / "x"))
     assert result.returncode == 2

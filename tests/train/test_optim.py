@@ -53,3 +53,33 @@ def test_lr_scheduler_drives_the_optimizer():
         opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.75e-2)
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("name", ["paged_adamw_32bit", "paged_adamw_8bit"])
+def test_state_dict_round_trip_continues_as_the_uninterrupted_optimizer(name):
+    """What a checkpoint saves (state_dict) and resume loads: the next steps equal an uninterrupted run's."""
+    cfg = TrainSettings(optimizer=name, learning_rate=1e-2)
+    straight, resumed = adapter_like_params("cpu"), adapter_like_params("cpu")
+    opt = build_optimizer(straight, cfg, "cpu")
+    g = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(p.shape, generator=g) for p in straight] for _ in range(4)]
+
+    def step(params, optimizer, i):
+        for p, grad in zip(params, grads[i]):
+            p.grad = grad.clone()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for i in range(4):
+        step(straight, opt, i)
+    first = build_optimizer(resumed, cfg, "cpu")
+    for i in range(2):
+        step(resumed, first, i)
+    saved = first.state_dict()
+    again = build_optimizer(resumed, cfg, "cpu")
+    again.load_state_dict(saved)
+    for i in range(2, 4):
+        step(resumed, again, i)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Record of the 2026-12-03 A/B call (run as `bash .exp/exp.sh` with .exp/old_src = the previous commit's src and
-# .exp/micro.py = scripts/micro_host.py); kept for its numbers, not maintained.
+# .exp/micro.py = an earlier form of scripts/micro_host.py, same ops); kept for its numbers, not maintained.
 # A/B experiment: human-response LoRA on w1, old code (HEAD) vs new, Unsloth; cProfile of new.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false UNSLOTH_DISABLE_STATISTICS=1

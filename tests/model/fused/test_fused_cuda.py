@@ -140,7 +140,7 @@ def test_dense_weight_calls_bitsandbytes_kernels_directly_with_the_same_result(n
 
     from loraforge.model.fused import weights
 
-    assert weights._cuda_impls() is not None, "this bitsandbytes' CUDA functions moved: dense_weight uses the ops"
+    assert weights.cuda_impls() is not None, "this bitsandbytes' CUDA functions moved: dense_weight uses the ops"
     torch.manual_seed(0)
     w = torch.randn(384, 1024, device="cuda", dtype=torch.bfloat16)
     packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)

@@ -71,3 +71,25 @@ def test_liger_is_used_only_on_cuda_tensors(monkeypatch):
     # ...but these tensors are on the CPU: the torch ops run (the fake kernels would fail if called)
     micro_batch_loss(model, collate_packed(data, 0), trained_tokens(data)).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["functions-moved", "functions-found"])
+def test_the_direct_nf4_dequantize_says_when_it_is_off(moved, tmp_path, monkeypatch):
+    """weights.dense_weight calls bitsandbytes' CUDA functions directly; where this bitsandbytes lays them out
+    otherwise it goes through the ops (slower on the host), and `auto` says so in the output and the report."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.config import LoraSettings, ModelSettings
+    from loraforge.model.fused import weights
+    from loraforge.model.load import load_base_model
+    from loraforge.model.lora import attach_lora
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4)).save_pretrained(tmp_path)
+    base = load_base_model(ModelSettings(base=str(tmp_path)), torch.float32, "cpu", str(tmp_path))
+    model = attach_lora(base, LoraSettings(r=4))
+    monkeypatch.setattr(weights, "cuda_impls", lambda: None if moved else ("4bit", "blockwise"))
+    said = []
+    report = apply_fast_paths(model, train_cfg(), "cuda", said.append)  # as on a GPU host
+    assert ("direct NF4 dequantize" in report.off) == moved
+    assert any("direct NF4 dequantize (this bitsandbytes'" in s for s in said) == moved

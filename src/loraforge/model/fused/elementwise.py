@@ -1,8 +1,8 @@
 """Elementwise ops of the fused forward: liger-kernel's Triton kernels on CUDA, torch elsewhere.
 
 RoPE and SiLU-mul are liger's (a field library) where `liger` is given; RMSNorm on CUDA is torch's own
-fused kernel (F.rms_norm: one launch each way, a sixth of the host time per call of liger's, measured
-on an H200 in docs/benchmarks.md). The torch compositions are the reference the CPU tests and the GPU
+fused kernel (F.rms_norm: one launch each way; host time per call on an H200 12 against liger's 77 us
+forward, 142 against 486 us forward + backward, scripts/micro_host.py). The torch compositions are the reference the CPU tests and the GPU
 checks compare against.
 """
 from __future__ import annotations

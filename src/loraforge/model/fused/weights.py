@@ -24,7 +24,7 @@ def dense_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_impls():
+def cuda_impls():
     """bitsandbytes' CUDA dequantize functions behind its torch.library ops, called directly: the op's
     dispatch costs more host time than the launch itself (25 against 11 us a call on an H200, and the
     fused path dequantizes ~500 times a step). None where this bitsandbytes lays them out otherwise."""
@@ -42,7 +42,7 @@ def _cuda_impls():
 
 
 def dequantize_4bit(data, absmax, blocksize: int, quant_type: str, shape, dtype) -> torch.Tensor:
-    impls = _cuda_impls() if data.is_cuda else None
+    impls = cuda_impls() if data.is_cuda else None
     if impls is None:
         return torch.ops.bitsandbytes.dequantize_4bit.default(data, absmax, blocksize, quant_type, shape, dtype)
     out = torch.empty(shape, dtype=dtype, device=data.device)
@@ -52,7 +52,7 @@ def dequantize_4bit(data, absmax, blocksize: int, quant_type: str, shape, dtype)
 
 def dequantize_blockwise(codes, absmax, code, blocksize: int) -> torch.Tensor:
     """The float32 absmax of a double-quantized weight from its 8-bit codes."""
-    impls = _cuda_impls() if codes.is_cuda else None
+    impls = cuda_impls() if codes.is_cuda else None
     if impls is None:
         return torch.ops.bitsandbytes.dequantize_blockwise.default(codes, absmax, code, blocksize, torch.float32)
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
@@ -127,6 +127,10 @@ class QuantGroup:
             absmax = self.absmax_q
         out = dequantize_4bit(self.data, absmax, self.blocksize, self.quant_type, self.shape, self.dtype)
         return out if out.dtype == dtype else out.to(dtype)
+
+
+def has_4bit_weights(lm: nn.Module) -> bool:
+    return any(getattr(getattr(m, "weight", None), "quant_state", None) is not None for m in lm.model.layers.modules())
 
 
 def group_quantized_projections(lm: nn.Module) -> int:
