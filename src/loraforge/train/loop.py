@@ -72,7 +72,8 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     """Train as `cfg` says into `run_dir`; `step_hook(step, record)` is called before each step
     (record None) and after it (the step's metrics), e.g. by the benchmark to time steps.
     On a rank other than 0 of a multi-device run (train/distributed.py) it returns None."""
-    say = console.print if console is not None else print
+    # Unwrapped and literal: paths stay whole at any terminal width, and text from the data is never markup.
+    say = (lambda m: console.print(m, markup=False, soft_wrap=True)) if console is not None else print
     run_dir = Path(run_dir)
     t = _set_up(cfg, run_dir, say)
     state = TrainerState()
