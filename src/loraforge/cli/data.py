@@ -109,7 +109,8 @@ def run_inspect(args) -> int:
 
     from loraforge.data import prepare, write_data_report
 
-    prepared = prepare(cfg.data, tokenizer, log=lambda s: console.print(s, markup=False, style="dim", soft_wrap=True))
+    prepared = prepare(cfg.data, tokenizer, log=lambda s: console.print(s, markup=False, style="dim", soft_wrap=True),
+                       keep_tokens=False)  # counts and lengths only: memory does not grow with the rows' tokens
     show(console, prepared.report)
     if out is not None:
         json_path, png_path = write_data_report(prepared, out)

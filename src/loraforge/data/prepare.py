@@ -1,38 +1,52 @@
-"""`prepare`: sources -> checked examples -> held-out split -> tokens + masks -> mix -> report."""
+"""`prepare`: sources -> checked examples -> held-out split -> tokens + masks -> mix -> report.
+
+One pass over each source's rows (datasets' memory-mapped Arrow files): each row is converted, tokenized
+(a long row only as far as max_length needs, `tokenize.encode_rows`), counted, and kept in a compact store
+(`rows.TokenStore`); nothing else per row is held. The held-out rows are chosen from the row counts before
+the pass. The few rows the report shows are read again by position.
+"""
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
 from loraforge.config import DatasetSource, DataSettings
 from loraforge.data import report as rep
-from loraforge.data.mixing import carve_eval, mix
+from loraforge.data.mixing import held_out, mix
+from loraforge.data.rows import TokenRows, TokenStore
 from loraforge.data.shapes import Example, RowConverter, RowError, detect_shape, resolve_columns
 from loraforge.data.sources import LoadedSource, bundled_path, load_source
 from loraforge.data.templates import ChatTemplate, Segment, get_template
-from loraforge.data.tokenize import IGNORE, encode_batch, encode_tokens, truncate
+from loraforge.data.tokenize import Encoded, encode_rows, encode_tokens, truncate
 from loraforge.errors import UserError
 
 MAX_LISTED = 10  # bad rows listed in one error message
+MAX_DROPPED = 20  # dropped rows named in the report
 N_SAMPLES = 5
 N_EXAMPLES = 3
+READ_BATCH = 1000  # rows read from Arrow at a time
+ENCODE_BATCH = 256  # rows tokenized in one call
 
 
 @dataclass
 class PreparedData:
-    train: list[dict]
-    eval: list[dict]
+    train: TokenRows  # a sequence of {"input_ids": [...], "labels": [...]}
+    eval: TokenRows
     samples: list[dict]
     report: dict
     template: ChatTemplate
-    lengths: dict = field(default_factory=dict)  # per row before truncation: total / prompt / response
+    lengths: dict = field(default_factory=dict)  # per row before truncation: total / prompt / response (int arrays)
 
     def template_record(self) -> dict:
         """What the trainer writes to template.json so generation uses exactly this template."""
         return self.template.record()
 
 
-def prepare(data_cfg: DataSettings, tokenizer, *, log: Callable[[str], None] = print) -> PreparedData:
+def prepare(data_cfg: DataSettings, tokenizer, *, log: Callable[[str], None] = print,
+            keep_tokens: bool = True) -> PreparedData:
+    """`keep_tokens=False` (`data inspect`): count and report, without keeping the token rows (then
+    `.train[i]` raises; lengths and counts are there)."""
     template = get_template(data_cfg.template, tokenizer, system_prompt=data_cfg.system_prompt)
     _check_settings(data_cfg)
     bundled = data_cfg.datasets is None
@@ -44,44 +58,43 @@ def prepare(data_cfg: DataSettings, tokenizer, *, log: Callable[[str], None] = p
         sources = list(data_cfg.datasets)
     # The bundled rows are written in llama2 format whatever template the run uses.
     text_template = get_template("llama2", tokenizer) if bundled and template.name != "llama2" else None
-    vocab = len(tokenizer)
+    settings = (template, data_cfg, text_template, len(tokenizer))
 
-    pools, infos, loaded_all = [], [], []
-    for i, src in enumerate(sources):
-        loaded = load_source(src)
-        examples, info = _convert(loaded, src, i, template, data_cfg, text_template, vocab)
-        pools.append(examples)
-        infos.append(info)
-        loaded_all.append(loaded)
-        how = "detected" if src.format == "auto" else "as configured"
-        log(f"data: {loaded.label}: {len(examples)} rows, shape {info['shape']} ({how})")
-
+    readers = [_Reader(load_source(src), src, i, *settings) for i, src in enumerate(sources)]
     if data_cfg.eval_split:
-        ev_loaded = load_source(sources[0], split=data_cfg.eval_split)
-        eval_examples, _ = _convert(ev_loaded, sources[0], len(sources), template, data_cfg, text_template, vocab)
-        loaded_all.append(ev_loaded)
-        eval_from = f"split '{data_cfg.eval_split}' of {sources[0].path}"
+        eval_reader = _Reader(load_source(sources[0], split=data_cfg.eval_split), sources[0], len(sources), *settings)
+        held, eval_from = set(), f"split '{data_cfg.eval_split}' of {sources[0].path}"
     else:
-        pools, eval_examples = carve_eval(pools, data_cfg.eval_fraction, data_cfg.eval_size, data_cfg.seed)
-        eval_from = ("eval_size" if data_cfg.eval_size else "eval_fraction") if eval_examples else None
+        eval_reader = None
+        held = held_out([len(r) for r in readers], data_cfg.eval_fraction, data_cfg.eval_size, data_cfg.seed)
+        eval_from = ("eval_size" if data_cfg.eval_size else "eval_fraction") if held else None
 
-    train_all = data_cfg.train_on == "all"
-    stats = _Stats()
-    enc_pools = [_encode(p, template, tokenizer, train_all, data_cfg, stats, loaded_all) for p in pools]
-    enc_eval = _encode(eval_examples, template, tokenizer, train_all, data_cfg, stats, loaded_all)
+    encoder = _Encoder(template, tokenizer, data_cfg)
+    store, stats = TokenStore(keep_tokens), _Stats()
+    pools, eval_picks, first = [], array("q"), 0
+    for reader in readers:
+        pool = array("q")
+        _stream(reader, encoder, store, stats, pool, eval_picks, lambda k, at=first: at + k in held)
+        pools.append(pool)
+        first += len(reader)
+        how = "detected" if reader.src.format == "auto" else "as configured"
+        log(f"data: {reader.loaded.label}: {len(reader)} rows, shape {reader.shape} ({how})")
+    if eval_reader is not None:
+        _stream(eval_reader, encoder, store, stats, eval_picks, eval_picks, lambda k: True)
+    all_readers = readers + ([eval_reader] if eval_reader else [])
 
     if data_cfg.mix == "concat" and (data_cfg.mix_size or (len(sources) > 1 and any(s.weight for s in sources))):
         log("data: note: source weights and mix_size are ignored with data.mix: concat (set mix: weighted)")
-    mixed, taken = mix(enc_pools, [s.weight for s in sources], data_cfg.mix, data_cfg.seed, data_cfg.mix_size)
+    mixed, taken = mix(pools, [s.weight for s in sources], data_cfg.mix, data_cfg.seed, data_cfg.mix_size)
     if not mixed:
         raise UserError(_all_dropped_message(stats, data_cfg))
-    train = [{"input_ids": e.input_ids, "labels": e.labels} for _, e in mixed]
-    evals = [{"input_ids": e.input_ids, "labels": e.labels} for _, e in enc_eval]
+    train, evals = TokenRows(store, mixed), TokenRows(store, eval_picks)
+    infos = [r.info() for r in readers]
     for info, n in zip(infos, taken):
         info["train_rows"] = n
 
-    samples = _samples([ex for ex, _ in enc_eval]) or _samples([ex for ex, _ in mixed])
-    report = _report(data_cfg, template, infos, train, evals, eval_from, stats, mixed, loaded_all, tokenizer)
+    samples = _samples(stats.eval_chats) or _samples(_chats(store, mixed, all_readers))
+    report = _report(data_cfg, template, infos, train, evals, eval_from, stats, store, all_readers, encoder)
     for line in _summary_lines(report):
         log(line)
     return PreparedData(train=train, eval=evals, samples=samples, report=report, template=template,
@@ -95,94 +108,162 @@ def _check_settings(cfg: DataSettings) -> None:
         raise UserError("set either data.eval_fraction or data.eval_size, not both.")
 
 
-def _convert(loaded: LoadedSource, src: DatasetSource, key: int, template, cfg, text_template, vocab):
-    """Check and convert every row of one loaded source; `key` indexes `loaded` in the caller's list."""
-    columns = loaded.columns
-    fields = resolve_columns(columns, src.columns, loaded.label)
-    shape = detect_shape(fields, columns, loaded.label, src.format)
-    convert = RowConverter(shape, fields, template, train_on=cfg.train_on, system_prompt=src.system_prompt,
-                           text_template=text_template, vocab_size=vocab)
-    needed = sorted(set(fields.values()))
-    ds = loaded.dataset.select_columns(needed) if needed else loaded.dataset
-    examples, problems, n_bad, index = [], [], 0, 0
-    for batch in ds.iter(batch_size=1000):
-        n = len(next(iter(batch.values()))) if batch else 0
-        for k in range(n):
-            row = {c: batch[c][k] for c in batch}
-            try:
-                examples.append(convert(row, key, index))
-            except RowError as e:
-                n_bad += 1
-                if len(problems) < MAX_LISTED:
-                    problems.append(f"  {loaded.where(index)}: {e}")
-            index += 1
-    if n_bad:
-        more = f"\n  ... and {n_bad - len(problems)} more" if n_bad > len(problems) else ""
-        raise UserError(f"{loaded.label}: {n_bad} bad row(s) (shape {shape}):\n" + "\n".join(problems) + more)
-    if not examples:
-        raise UserError(f"{loaded.label}: no rows (split '{src.split}'). Check the file or the split.")
-    info = {"path": src.path, "label": loaded.label, "kind": loaded.kind, "split": src.split, "shape": shape,
-            "shape_detected": src.format == "auto", "columns": fields, "rows": len(examples),
-            "weight": src.weight}
-    return examples, info
+class _Reader:
+    """One loaded source: its columns and shape checked, its rows converted to Examples one by one."""
+
+    def __init__(self, loaded: LoadedSource, src: DatasetSource, key: int, template, cfg, text_template, vocab):
+        columns = loaded.columns
+        fields = resolve_columns(columns, src.columns, loaded.label)
+        self.shape = detect_shape(fields, columns, loaded.label, src.format)
+        self.convert = RowConverter(self.shape, fields, template, train_on=cfg.train_on,
+                                    system_prompt=src.system_prompt, text_template=text_template, vocab_size=vocab)
+        needed = sorted(set(fields.values()))
+        self.ds = loaded.dataset.select_columns(needed) if needed else loaded.dataset
+        self.loaded, self.src, self.key, self.fields = loaded, src, key, fields
+        if not len(self.ds):
+            raise UserError(f"{loaded.label}: no rows (split '{src.split}'). Check the file or the split.")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def examples(self):
+        """Every row as an Example, in order; bad rows are listed together at the end (UserError)."""
+        problems, n_bad, index = [], 0, 0
+        for batch in self.ds.iter(batch_size=READ_BATCH):
+            n = len(next(iter(batch.values()))) if batch else 0
+            for k in range(n):
+                try:
+                    ex = self.convert({c: batch[c][k] for c in batch}, self.key, index)
+                except RowError as e:
+                    n_bad += 1
+                    if len(problems) < MAX_LISTED:
+                        problems.append(f"  {self.loaded.where(index)}: {e}")
+                else:
+                    if not n_bad:  # after a bad row the rest are only checked
+                        yield ex
+                index += 1
+        if n_bad:
+            more = f"\n  ... and {n_bad - len(problems)} more" if n_bad > len(problems) else ""
+            raise UserError(f"{self.loaded.label}: {n_bad} bad row(s) (shape {self.shape}):\n" + "\n".join(problems)
+                            + more)
+
+    def example_at(self, index: int) -> Example:
+        return self.convert(self.ds[index], self.key, index)
+
+    def where(self, index: int) -> str:
+        src = self.loaded
+        return f"{src.label} {src.where(index)}" if src.kind != "glob" else src.where(index)
+
+    def info(self) -> dict:
+        src = self.src
+        return {"path": src.path, "label": self.loaded.label, "kind": self.loaded.kind, "split": src.split,
+                "shape": self.shape, "shape_detected": src.format == "auto", "columns": self.fields,
+                "rows": len(self), "weight": src.weight}
+
+
+class _Encoder:
+    """Examples -> Encoded rows (template, tokens and masks), a long row only as far as max_length needs."""
+
+    def __init__(self, template, tokenizer, cfg: DataSettings):
+        self.template, self.tokenizer, self.cfg = template, tokenizer, cfg
+        self.train_all = cfg.train_on == "all"
+
+    def encode(self, examples: list[Example]) -> list[Encoded]:
+        items, where, out = [], [], [None] * len(examples)
+        for k, ex in enumerate(examples):
+            if ex.messages is not None:
+                items.append(self.template.render(ex.messages))
+                where.append(k)
+            elif ex.text is not None:
+                items.append([Segment(ex.text, True)])
+                where.append(k)
+            else:
+                out[k] = encode_tokens(ex.input_ids, ex.labels, self.train_all)
+        for k, enc in zip(where, encode_rows(items, self.tokenizer, self.train_all, self.cfg.max_length)):
+            out[k] = enc
+        return out
+
+    def kept(self, enc: Encoded) -> Encoded:
+        """The row as trained (cut to max_length), for the report's examples."""
+        return truncate(enc, self.cfg.max_length) if len(enc.input_ids) > self.cfg.max_length else enc
 
 
 class _Stats:
     def __init__(self):
-        self.lengths = {"total": [], "prompt": [], "response": []}
-        self.over = self.truncated = self.dropped_long = self.dropped_empty = self.straddles = 0
+        self.lengths = {"total": array("i"), "prompt": array("i"), "response": array("i")}
+        self.over = self.truncated = self.dropped_long = self.dropped_empty = self.straddles = self.estimated = 0
         self.prompts_checked = self.prompt_mismatches = self.unlabelled = 0
-        self.dropped: list[tuple] = []  # (example, reason)
+        self.dropped: list[tuple] = []  # (source key, row index, reason), the first MAX_DROPPED
+        self.eval_chats: list[Example] = []  # the first kept held-out conversations, for samples
+
+    def drop(self, ex: Example, reason: str) -> None:
+        if len(self.dropped) < MAX_DROPPED:
+            self.dropped.append((ex.source, ex.index, reason))
 
 
-def _encode(examples: list[Example], template, tokenizer, train_all, cfg, stats: _Stats, loaded):
-    """Encode, count over-long rows, truncate or drop; returns [(example, Encoded)] of kept rows."""
-    seg_items, seg_idx, encs = [], [], [None] * len(examples)
-    for k, ex in enumerate(examples):
-        if ex.messages is not None:
-            seg_items.append(template.render(ex.messages))
-            seg_idx.append(k)
-        elif ex.text is not None:
-            seg_items.append([Segment(ex.text, True)])
-            seg_idx.append(k)
-        else:
-            encs[k] = encode_tokens(ex.input_ids, ex.labels, train_all)
-            stats.unlabelled += ex.labels is None and not train_all
-    for k, enc in zip(seg_idx, encode_batch(seg_items, tokenizer, train_all)):
-        encs[k] = enc
-    _check_prompt_tokens(examples, encs, template, tokenizer, stats)
-    kept = []
+def _stream(reader: _Reader, encoder: _Encoder, store: TokenStore, stats: _Stats, pool: array, eval_picks: array,
+            is_held: Callable[[int], bool]) -> None:
+    """Read, encode and count every row of `reader`; a kept row goes to the store, and its number to
+    `eval_picks` if `is_held(row index)`, else to `pool` (the source's training rows)."""
+    batch, checked = [], 0
+    for ex in reader.examples():
+        batch.append(ex)
+        if len(batch) == ENCODE_BATCH:
+            checked = _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked)
+            batch = []
+    if batch:
+        _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked)
+
+
+def _keep(examples: list[Example], encoder: _Encoder, store: TokenStore, stats: _Stats, pool: array,
+          eval_picks: array, is_held: Callable[[int], bool], checked: int) -> int:
+    """One batch of `_stream`; returns how many of the source's conversations had their prompt tokens checked."""
+    cfg, train_all = encoder.cfg, encoder.train_all
+    encs = encoder.encode(examples)
+    checked = _check_prompt_tokens(examples, encs, encoder.template, encoder.tokenizer, stats, checked)
     for ex, enc in zip(examples, encs):
-        n_resp = sum(enc.response)
-        stats.lengths["total"].append(len(enc.input_ids))
+        if ex.input_ids is not None:
+            stats.unlabelled += ex.labels is None and not train_all
+        if enc.estimate is not None:
+            total, n_resp = enc.estimate
+            stats.estimated += 1
+        else:
+            total, n_resp = len(enc.input_ids), sum(enc.response)
+        stats.lengths["total"].append(total)
         stats.lengths["response"].append(n_resp)
-        stats.lengths["prompt"].append(len(enc.input_ids) - n_resp)
+        stats.lengths["prompt"].append(max(total - n_resp, 0))
         stats.straddles += enc.straddles
         if len(enc.input_ids) > cfg.max_length:
             stats.over += 1
             if cfg.truncation == "drop":
                 stats.dropped_long += 1
-                stats.dropped.append((ex, f"{len(enc.input_ids)} tokens > max_length {cfg.max_length}", loaded))
+                stats.drop(ex, f"{'about ' if enc.estimate else ''}{total} tokens > max_length {cfg.max_length}")
                 continue
             enc = truncate(enc, cfg.max_length)
             stats.truncated += 1
-        if not any(lab != IGNORE for lab in enc.labels):
+        if not any(lab != -100 for lab in enc.labels):
             stats.dropped_empty += 1
-            stats.dropped.append((ex, "no trainable token left after truncation", loaded))
+            stats.drop(ex, "no trainable token left after truncation")
             continue
-        kept.append((ex, enc))
-    return kept
+        k = store.add(enc.input_ids, enc.labels, ex.source, ex.index, ex.messages is not None)
+        if is_held(ex.index):
+            eval_picks.append(k)
+            if ex.messages is not None and len(stats.eval_chats) < N_SAMPLES:
+                stats.eval_chats.append(ex)
+        else:
+            pool.append(k)
+    return checked
 
 
-def _check_prompt_tokens(examples, encs, template, tokenizer, stats: _Stats, limit: int = 8) -> None:
-    """For a few rows: does the inference prompt of each reply tokenize to the training prefix?
+def _check_prompt_tokens(examples, encs, template, tokenizer, stats: _Stats, checked: int, limit: int = 8) -> int:
+    """For the first few conversations of a source: does the inference prompt of each reply tokenize to
+    the training prefix? Returns how many were checked so far.
 
     The strings always match byte for byte; the tokens can differ where a tokenizer merges text
     across the prompt/response boundary (e.g. GPT-2's whitespace split). Counted for the report.
     """
-    checked = 0
     for ex, enc in zip(examples, encs):
-        if ex.messages is None or checked >= limit:
+        if ex.messages is None or enc.estimate is not None or checked >= limit:  # not a row cut before tokenizing
             continue
         checked += 1
         turns = [k for k, m in enumerate(ex.messages) if m["role"] == "assistant"]
@@ -192,6 +273,7 @@ def _check_prompt_tokens(examples, encs, template, tokenizer, stats: _Stats, lim
             ids = tokenizer(template.prompt(ex.messages[:k]), add_special_tokens=False)["input_ids"]
             if ids != enc.input_ids[:start]:
                 stats.prompt_mismatches += 1
+    return checked
 
 
 def _all_dropped_message(stats: _Stats, cfg) -> str:
@@ -203,12 +285,18 @@ def _all_dropped_message(stats: _Stats, cfg) -> str:
     )
 
 
-def _samples(examples: list[Example]) -> list[dict]:
-    out, seen = [], set()
+def _chats(store: TokenStore, picks: array, readers: list[_Reader]):
+    """The conversations among the picked rows, in order, each once, read again from its source."""
+    seen = set()
+    for k in picks:
+        if store.chat[k] and k not in seen:
+            seen.add(k)
+            yield readers[store.source[k]].example_at(store.index[k])
+
+
+def _samples(examples) -> list[dict]:
+    out = []
     for ex in examples:
-        if ex.messages is None or id(ex) in seen:
-            continue
-        seen.add(id(ex))
         msgs = ex.messages
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         out.append({"messages": [dict(m) for m in msgs[:last]], "reference": msgs[last]["content"].strip()})
@@ -217,27 +305,34 @@ def _samples(examples: list[Example]) -> list[dict]:
     return out
 
 
-def _where(ex: Example, loaded: list[LoadedSource]) -> str:
-    src = loaded[ex.source]
-    return f"{src.label} {src.where(ex.index)}" if src.kind != "glob" else src.where(ex.index)
-
-
-def _report(cfg, template, infos, train, evals, eval_from, stats: _Stats, mixed, loaded, tokenizer) -> dict:
-    tokens = sum(len(r["input_ids"]) for r in train)
-    trained = sum(1 for r in train for lab in r["labels"] if lab != IGNORE)
-    examples, used_sources, seen = [], set(), set()
+def _examples(store: TokenStore, mixed: array, readers: list[_Reader], encoder: _Encoder) -> list[dict]:
+    """The first training rows as trained, with the masked part marked: one per source first, then in order."""
+    picked: list[int] = []
     for pick_new_source in (True, False):  # one example per source first, then fill up
-        for ex, enc in mixed:
-            if len(examples) == N_EXAMPLES:
+        used = {store.source[k] for k in picked}
+        for k in mixed:
+            if len(picked) == N_EXAMPLES:
                 break
-            if id(ex) in seen or (pick_new_source and ex.source in used_sources):
+            if k in picked or (pick_new_source and store.source[k] in used):
                 continue
-            seen.add(id(ex))
-            used_sources.add(ex.source)
-            runs = rep.marked_segments(enc, tokenizer)
-            examples.append({"where": _where(ex, loaded), "tokens": len(enc.input_ids),
-                             "trained_tokens": sum(1 for lab in enc.labels if lab != IGNORE),
-                             "marked": rep.marked_text(runs), "segments": runs})
+            picked.append(k)
+            used.add(store.source[k])
+    examples = []
+    for k in picked:
+        reader = readers[store.source[k]]
+        (enc,) = encoder.encode([reader.example_at(store.index[k])])
+        enc = encoder.kept(enc)
+        runs = rep.marked_segments(enc, encoder.tokenizer)
+        examples.append({"where": reader.where(store.index[k]), "tokens": len(enc.input_ids),
+                         "trained_tokens": sum(1 for lab in enc.labels if lab != -100),
+                         "marked": rep.marked_text(runs), "segments": runs})
+    return examples
+
+
+def _report(cfg, template, infos, train: TokenRows, evals: TokenRows, eval_from, stats: _Stats, store: TokenStore,
+            readers: list[_Reader], encoder: _Encoder) -> dict:
+    tokens, trained = train.token_count(), train.trained_count()
+    examples = _examples(store, train.picks, readers, encoder)
     warnings = []
     if stats.over:
         action = "dropped" if cfg.truncation == "drop" else "truncated (the start is kept)"
@@ -248,6 +343,9 @@ def _report(cfg, template, infos, train, evals, eval_from, stats: _Stats, mixed,
     if stats.straddles:
         warnings.append(f"{stats.straddles} token(s) cross a prompt/response boundary; the template's markers "
                         "merge with the text for this tokenizer, so those tokens were assigned by where they start.")
+    if stats.estimated:
+        warnings.append(f"{stats.estimated} row(s) are so long that they were tokenized only as far as max_length "
+                        "needs; their full lengths in these statistics are estimated from the part tokenized.")
     if stats.unlabelled:
         warnings.append(f"{stats.unlabelled} pre-tokenized row(s) have no labels: every token is trained. "
                         "Add a labels column (-100 for prompt tokens) for loss on responses only.")
@@ -269,7 +367,7 @@ def _report(cfg, template, infos, train, evals, eval_from, stats: _Stats, mixed,
         "truncated": stats.truncated,
         "dropped_too_long": stats.dropped_long,
         "dropped_no_trainable": stats.dropped_empty,
-        "dropped_rows": [{"where": _where(ex, ld), "reason": why} for ex, why, ld in stats.dropped[:20]],
+        "dropped_rows": [{"where": readers[key].where(index), "reason": why} for key, index, why in stats.dropped],
         "trainable_share": round(trained / tokens, 4) if tokens else 0.0,
         "train_tokens": tokens,
         "trained_tokens": trained,

@@ -11,34 +11,43 @@ MASK_OPEN, MASK_CLOSE = "⟦", "⟧"  # marks text that is masked (no loss) in r
 LEGEND = f"{MASK_OPEN}…{MASK_CLOSE} is masked (no loss); everything else is trained"
 
 
-def distribution(values: list[int]) -> dict:
-    if not values:
+def _array(values):
+    import numpy as np
+
+    return np.asarray(values, dtype=np.int64)  # an int array (array('i')) converts without a list of ints
+
+
+def distribution(values) -> dict:
+    if not len(values):
         return {"min": 0, "median": 0, "p95": 0, "max": 0, "mean": 0.0}
-    v = sorted(values)
+    v = _array(values)
+    v.sort()
 
     def q(p):  # nearest-rank percentile
-        return v[min(len(v) - 1, max(0, math.ceil(p * len(v)) - 1))]
+        return int(v[min(len(v) - 1, max(0, math.ceil(p * len(v)) - 1))])
 
-    return {"min": v[0], "median": q(0.5), "p95": q(0.95), "max": v[-1], "mean": round(sum(v) / len(v), 1)}
+    return {"min": int(v[0]), "median": q(0.5), "p95": q(0.95), "max": int(v[-1]),
+            "mean": round(float(v.sum()) / len(v), 1)}
 
 
-def histogram(values: list[int], max_length: int, bins: int = 30) -> dict:
-    if not values:
+def histogram(values, max_length: int, bins: int = 30) -> dict:
+    import numpy as np
+
+    if not len(values):
         return {"bin_edges": [], "counts": []}
-    hi = max(max(values), max_length) + 1
+    v = _array(values)
+    hi = max(int(v.max()), max_length) + 1
     width = max(1, math.ceil(hi / bins))
     edges = list(range(0, width * bins + 1, width))
-    counts = [0] * bins
-    for x in values:
-        counts[min(x // width, bins - 1)] += 1
-    return {"bin_edges": edges, "counts": counts}
+    counts = np.bincount(np.minimum(v // width, bins - 1), minlength=bins)
+    return {"bin_edges": edges, "counts": [int(c) for c in counts]}
 
 
 def sample_lengths(lengths: dict, cap: int = 20000) -> dict:
     """Per-row lengths for the JSON report (for plots); evenly subsampled above `cap` rows."""
     n = len(lengths.get("total", []))
     if n <= cap:
-        return {k: list(v) for k, v in lengths.items()}
+        return {k: [int(x) for x in v] for k, v in lengths.items()}
     step = n / cap
     idx = [int(i * step) for i in range(cap)]
     return {k: [v[i] for i in idx] for k, v in lengths.items()}
@@ -93,17 +102,17 @@ def write_data_report(prepared, run_dir) -> tuple[Path, Path]:
 def plot_lengths(lengths: dict, max_length: int, path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    total = lengths.get("total", [])
+    total = _array(lengths.get("total", []))
     fig = Figure(figsize=(7, 3.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    if total:
-        hi = max(max(total), max_length)
+    if len(total):
+        hi = max(int(total.max()), max_length)
         bins = 40
-        ax.hist([lengths.get("prompt", []), lengths.get("response", [])], bins=bins, range=(0, hi),
+        ax.hist([_array(lengths.get("prompt", [])), _array(lengths.get("response", []))], bins=bins, range=(0, hi),
                 stacked=False, histtype="step", label=["prompt tokens", "response tokens"], color=["#888", "#2a7"])
         ax.hist(total, bins=bins, range=(0, hi), alpha=0.35, color="#36c", label="total tokens")
     ax.axvline(max_length, color="#c33", linestyle="--", label=f"max_length = {max_length}")
-    over = sum(1 for x in total if x > max_length)
+    over = int((total > max_length).sum())
     ax.set_title(f"Token lengths of {len(total)} rows ({over} over max_length)")
     ax.set_xlabel("tokens per row")
     ax.set_ylabel("rows")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import bisect
 import contextlib
 import glob as globlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from loraforge.data.locate import LineIndex, explain_json_array, explain_jsonl
 from loraforge.errors import UserError, first_line
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -54,12 +54,10 @@ class LoadedSource:
         return f"{prefix}row {local + 1}"
 
     def _line_of(self, path: str, local: int) -> int:
-        # The json loader skips blank lines; map the row to its real line number.
+        # The json loader skips blank lines; map the row to its real line number (reading, not holding, the file).
         if path not in self._lines:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                self._lines[path] = [n for n, line in enumerate(f, 1) if line.strip()]
-        lines = self._lines[path]
-        return lines[local] if local < len(lines) else local + 1
+            self._lines[path] = LineIndex(path)
+        return self._lines[path].line_of(local) or local + 1
 
 
 def is_local(path: str) -> bool:
@@ -198,8 +196,12 @@ def _csv_string_features(path: str):
 
     from datasets import Features, Value
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), None)
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), None)
+    except csv.Error as e:  # e.g. a field over csv's 128 KiB limit: no column name is that long
+        raise UserError(f"{path}: the first line cannot be read as a CSV header ({e}). The first line must name "
+                        "the columns, e.g. input,output; add that line if the file starts with data.") from None
     if not header:
         raise UserError(f"{path}: empty CSV file; the first line must name the columns.")
     return Features({name: Value("string") for name in header})
@@ -207,28 +209,12 @@ def _csv_string_features(path: str):
 
 def _explain_json(path: str) -> None:
     """Find the first bad line/row of a JSON(L) file the loader rejected, and say what is wrong."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if path.lower().endswith(".json") and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}). Fix the file.") from None
-        for i, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise UserError(f"{path}: row {i}: expected an object with named fields, got {type(row).__name__}.")
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg} at column {e.colno}). "
-                            "Each line must be one JSON object; fix or remove the line.") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {n}: expected a JSON object with named fields, got "
-                            f"{type(row).__name__}. Each line must look like {{\"text\": \"...\"}}.")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).lstrip()
+    if path.lower().endswith(".json") and head.startswith(b"["):
+        explain_json_array(path)
+    else:
+        explain_jsonl(path)
 
 
 def _load_error(path: str, split: str, e: Exception) -> UserError:

@@ -24,6 +24,7 @@ class Encoded:
     text: Optional[str] = None
     offsets: list[tuple[int, int]] = field(default_factory=list)
     straddles: int = 0  # tokens that cross a prompt/response boundary
+    estimate: Optional[tuple[int, int]] = None  # cut before tokenizing (encode_rows): (total, response) tokens, estimated
 
 
 def _spans(segments: list[Segment]) -> tuple[str, list[int], list[bool]]:
@@ -88,4 +89,67 @@ def encode_tokens(input_ids: list[int], labels: Optional[list[int]], train_all: 
 def truncate(enc: Encoded, max_length: int) -> Encoded:
     """Keep the first max_length tokens."""
     return Encoded(enc.input_ids[:max_length], enc.labels[:max_length], enc.response[:max_length], enc.text,
-                   enc.offsets[:max_length], enc.straddles)
+                   enc.offsets[:max_length], enc.straddles, enc.estimate)
+
+
+# --- long rows: tokenized only as far as max_length needs -------------------------------------------------
+# Tokenizing a 20 MB row whole holds gigabytes (ids, offsets and the tokenizer's own per-token strings), to
+# keep max_length tokens of it. A prefix decides it: when two prefixes, one twice the other, give the same
+# first max_length + 1 tokens, the cut at the prefix's end no longer reaches them, and they are the full
+# text's (tests/data/test_long_rows.py checks this against whole tokenization on real tokenizers).
+
+HEAD_CHARS_PER_TOKEN = 8  # first prefix: this many characters per wanted token (text runs 1-5 per token)
+
+
+def head_chars(max_length: int) -> int:
+    """Rows up to twice this many characters are tokenized whole; longer ones from a prefix."""
+    return HEAD_CHARS_PER_TOKEN * (max_length + 1)
+
+
+def encode_rows(items: list[list[Segment]], tokenizer, train_all: bool, max_length: int) -> list[Encoded]:
+    """`encode_batch`, except that a row too long to matter whole keeps only its first max_length + 1
+    tokens (exactly those whole tokenization gives; one more than max_length says it is longer) and an
+    estimate of its full length (`Encoded.estimate`). Memory then follows max_length, not the row."""
+    limit = 2 * head_chars(max_length)
+    whole = [k for k, segs in enumerate(items) if sum(len(s.text) for s in segs) <= limit]
+    out: list[Optional[Encoded]] = [None] * len(items)
+    for k, enc in zip(whole, encode_batch([items[k] for k in whole], tokenizer, train_all)):
+        out[k] = enc
+    for k, segs in enumerate(items):
+        if out[k] is None:
+            out[k] = encode_head(segs, tokenizer, train_all, max_length)
+    return out
+
+
+def _prefix(segments: list[Segment], chars: int) -> list[Segment]:
+    out, pos = [], 0
+    for s in segments:
+        if pos >= chars:
+            break
+        out.append(s if pos + len(s.text) <= chars else Segment(s.text[:chars - pos], s.trainable))
+        pos += len(s.text)
+    return out
+
+
+def encode_head(segments: list[Segment], tokenizer, train_all: bool, max_length: int) -> Encoded:
+    """The first max_length + 1 tokens of the row, from prefixes that double until two agree on them."""
+    total = sum(len(s.text) for s in segments)
+    want = max_length + 1
+    chars = head_chars(max_length)
+    (enc,) = encode_batch([_prefix(segments, chars)], tokenizer, train_all)
+    while chars < total:
+        longer = min(2 * chars, total)
+        (nxt,) = encode_batch([_prefix(segments, longer)], tokenizer, train_all)
+        if (len(enc.input_ids) >= want and enc.input_ids[:want] == nxt.input_ids[:want]
+                and enc.labels[:want] == nxt.labels[:want] and enc.offsets[:want] == nxt.offsets[:want]):
+            break
+        enc, chars = nxt, longer
+    if chars >= total:  # the prefixes never settled (or it is short after all): this is whole tokenization
+        return enc
+    head = truncate(enc, want)
+    end = head.offsets[-1][1]
+    per_char = len(enc.input_ids) / chars
+    response_chars = sum(len(s.text) for s in segments if s.trainable)
+    head.text = head.text[:end]
+    head.estimate = (max(want, round(total * per_char)), round(response_chars * per_char))
+    return head

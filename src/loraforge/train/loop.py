@@ -196,7 +196,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, say) -> _Training:
     if ranks.sharded:  # FSDP2 shards in place, before the optimizer sees the parameters
         model = distributed.shard(model, ranks, cfg.train.fsdp_cpu_offload)
         model.forward = accelerator.autocast()(model.forward)
-    plan = BatchPlan([len(r["input_ids"]) for r in data.train], cfg.train.micro_batch_size,
+    plan = BatchPlan(data.train.lengths(), cfg.train.micro_batch_size,
                      cfg.train.gradient_accumulation, cfg.train.seed, cfg.train.group_by_length, cfg.train.shuffle)
     # Packing is exact either way; auto packs where the fused path runs (varlen attention), since on the
     # plain path the block-diagonal mask over the whole stream costs more than the padding it saves.
