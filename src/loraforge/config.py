@@ -91,6 +91,8 @@ class DataSettings(Section):
     template: Template = "llama2"
     system_prompt: Optional[str] = None
     max_length: int = Field(512, gt=8)
+    allow_beyond_context: bool = Field(False, description="Allow max_length above the model's context (config.json "
+                                       "max_position_embeddings, with its RoPE scaling): for models known to extrapolate.")
     train_on: Literal["responses", "all"] = "responses"
     truncation: Literal["truncate", "drop"] = "truncate"
     mix: Literal["concat", "weighted"] = "concat"

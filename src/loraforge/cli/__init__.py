@@ -13,7 +13,7 @@ import os
 import sys
 
 from loraforge import __version__
-from loraforge.errors import UserError
+from loraforge.errors import UserError, allocation, out_of_memory
 
 # Modules under loraforge.cli, each adding its sub-commands.
 COMMAND_MODULES = ["train", "recipes", "config_show", "data", "evaluate", "report", "infer", "export"]
@@ -83,6 +83,27 @@ def environment_error(e: OSError) -> str | None:
     return f"{where}{e.strerror or os.strerror(e.errno)}; {hint}"
 
 
+# What lowers the memory a command needs, said when it runs out (train's loop says more: cli/train.py).
+OOM_ADVICE = {
+    "train": "lower train.micro_batch_size or data.max_length, or set train.max_tokens_per_micro_batch (the same "
+             "rows and loss in smaller passes); on a GPU, 4-bit weights (model.quantization: nf4) need the least",
+    "eval": "lower --batch-size (default eval.batch_size), --max-new-tokens or --rows",
+    "chat": "lower --max-new-tokens, or start a shorter conversation (/reset)",
+    "generate": "lower --max-new-tokens, or shorten the prompts",
+    "merge": "merging loads the whole base unquantized: use --dtype bfloat16 or float16 (half of float32), or a "
+             "machine with more memory",
+    "export": "exporting a run merges it in float32 first: merge it with `loraforge merge RUN --out DIR --dtype "
+              "bfloat16` and export that folder, or use a machine with more memory",
+    "data": "lower data.max_length, or split the dataset",
+}
+
+
+def out_of_memory_message(command: str | None, error: BaseException, kind: str) -> str:
+    where = "GPU memory" if kind == "GPU" else "memory (RAM)"
+    advice = OOM_ADVICE.get(command or "", "free memory (close other programs) and try again")
+    return f"{command or 'loraforge'} ran out of {where}{allocation(error)}; {advice}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -113,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         message = environment_error(e) if isinstance(e, OSError) else None
         if message:  # a full or read-only disk: the user's to fix
             print(f"error: {message}", file=sys.stderr)
+            return 2
+        kind = out_of_memory(e)
+        if kind:  # the settings decide how much memory a command needs: say which
+            print(f"error: {out_of_memory_message(args.command, e, kind)}", file=sys.stderr)
             return 2
         print(f"internal error: {type(e).__name__}: {e}\nThis looks like a bug in loraforge; "
               "rerun with --debug for the traceback and report it.", file=sys.stderr)

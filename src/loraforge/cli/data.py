@@ -80,11 +80,17 @@ def build_config(args):
 
 
 def load_tokenizer_for(cfg):
-    """Only the tokenizer of the config's base model (the tiny model's is built on first use)."""
-    from loraforge.model.load import load_tokenizer
+    """Only the tokenizer of the config's base model (the tiny model's is built on first use), after checking
+    data.max_length against the model's context (its config.json)."""
+    from loraforge.model.load import check_max_length, load_tokenizer, resolve_base
 
     try:
-        return load_tokenizer(cfg.model)
+        base = resolve_base(cfg.model)
+    except UserError as e:
+        raise UserError(f"the tokenizer could not be loaded: {e}") from None
+    check_max_length(cfg.model, cfg.data.max_length, cfg.data.allow_beyond_context, base)
+    try:
+        return load_tokenizer(cfg.model, base)
     except UserError as e:
         raise UserError(f"the tokenizer could not be loaded: {e}") from None
     except Exception as e:  # noqa: BLE001 - anything from transformers/sentencepiece

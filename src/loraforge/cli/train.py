@@ -117,7 +117,9 @@ def _train(args, cfg, ranks, prepared=None) -> int:
     from loraforge.evaluate.report import write_report_safely
     from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE,
                                   TENSORBOARD_DIR)
+    from loraforge.errors import UserError, out_of_memory
     from loraforge.train.loop import TrainingInterrupted, run_training
+    from loraforge.train.oom import TrainingOutOfMemory
     from loraforge.train.resume import discard_if_unstarted, finished_at, prepare_run_dir, resume_command
     from loraforge.train.checkpoint import check_world
 
@@ -139,7 +141,12 @@ def _train(args, cfg, ranks, prepared=None) -> int:
     try:
         result = run_training(cfg, run_dir, checkpoint, console=console)
         if result is not None and (cfg.samples or cfg.eval.metrics):  # rank 0 only; a sharded model is reloaded
-            evaluation = evaluate_after_training(cfg, run_dir, console, None if ranks.sharded else result.model)
+            try:
+                evaluation = evaluate_after_training(cfg, run_dir, console, None if ranks.sharded else result.model)
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
+                raise UserError(_evaluation_out_of_memory(cfg, result, e)) from None
     except TrainingInterrupted as stop:
         command = resume_command(args.recipe, args.overrides, run_dir)
         if ranks.collective:
@@ -147,9 +154,13 @@ def _train(args, cfg, ranks, prepared=None) -> int:
         console.print(f"\n{stop}\nResume with: {command}",
                       markup=False, soft_wrap=True)  # one unwrapped line to copy, brackets and all
         return 128 + stop.signum
-    except Exception:  # bad data, an unwritable disk, a model that will not load...
+    except Exception as e:  # bad data, an unwritable disk, a model that will not load...
         if checkpoint is None and ranks.is_main:  # failed before its first step: leave no folder that blocks the fixed command
             discard_if_unstarted(run_dir)
+        if isinstance(e, TrainingOutOfMemory) and e.checkpoint is not None:
+            command = resume_command(args.recipe, list(args.overrides) + e.settings, run_dir)
+            raise UserError(f"{e}. Then resume with: {command}"
+                            + (f" --devices {ranks.world}" if ranks.collective else "")) from None
         raise
     finally:  # finished, stopped or failed: report.html shows how far the run got
         # ...but not after a second Ctrl-C/SIGTERM (SystemExit): that one means exit at once.
@@ -179,6 +190,19 @@ def _train(args, cfg, ranks, prepared=None) -> int:
     console.print(next_commands(d), markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0
+
+
+def _evaluation_out_of_memory(cfg: RunConfig, result, error: Exception) -> str:
+    import shlex
+
+    from loraforge.errors import allocation, out_of_memory
+
+    where = "GPU memory" if out_of_memory(error) == "GPU" else "memory (RAM)"
+    batch = cfg.eval.batch_size or cfg.train.micro_batch_size
+    return (f"training finished and its adapter is saved ({result.adapter_dir}), but the evaluation at the end ran out "
+            f"of {where}{allocation(error)}. Evaluate with smaller batches: loraforge eval "
+            f"{shlex.quote(str(result.run_dir))} --batch-size {max(1, batch // 2)} (eval.batch_size is {batch}; "
+            f"eval.max_new_tokens, {cfg.eval.max_new_tokens}, also counts)")
 
 
 def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:

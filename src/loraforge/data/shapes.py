@@ -240,6 +240,9 @@ class RowConverter:
                 if len(ex.labels) != len(ex.input_ids):
                     raise RowError(f"'{f['labels']}' has {len(ex.labels)} entries but input_ids has "
                                    f"{len(ex.input_ids)}; they must be the same length.")
+                if any(lab != -100 and not 0 <= lab < (self.vocab_size or 2**31) for lab in ex.labels):
+                    raise RowError(f"'{f['labels']}' holds values that are neither -100 (not trained) nor token ids "
+                                   "of this tokenizer's vocabulary.")
         if ex.messages is not None:
             ex.messages = _with_system(ex.messages, system or self.system_prompt)
         return ex

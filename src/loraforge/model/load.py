@@ -80,6 +80,58 @@ def load_tokenizer(cfg: ModelSettings, base: Optional[str] = None):
     return tok
 
 
+def _config_json(base: str, cfg: ModelSettings) -> Optional[dict]:
+    """The checkpoint's config.json as plain data (no model code runs), or None when it cannot be read here."""
+    import json
+
+    path = Path(base) / "config.json"
+    try:
+        if not path.is_file():
+            from huggingface_hub import hf_hub_download
+
+            hub = _hub_kwargs(cfg)
+            path = Path(hf_hub_download(base, "config.json", revision=hub["revision"], token=hub["token"]))
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - offline, gated, not JSON: loading the weights will say what is wrong
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def context_length(base: str, cfg: ModelSettings) -> Optional[tuple[int, str]]:
+    """(tokens, where that number comes from) of the model's context: max_position_embeddings, extended by a
+    linear or dynamic RoPE scaling factor (a scaling with original_max_position_embeddings, as Llama 3's or YaRN's,
+    already counts in it). None when the config does not say."""
+    config = _config_json(base, cfg) or {}
+    n = config.get("max_position_embeddings")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    how = f"config.json max_position_embeddings {n}"
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind, factor = rope.get("rope_type") or rope.get("type"), rope.get("factor")
+    original = rope.get("original_max_position_embeddings")
+    if isinstance(factor, (int, float)) and factor > 1 and kind not in (None, "default"):
+        extended = int(original * factor) if isinstance(original, int) else int(n * factor) if kind in (
+            "linear", "dynamic") else n
+        if extended > n:
+            how += f", {kind} RoPE scaling x{factor:g}"
+            n = extended
+    return n, how
+
+
+def check_max_length(cfg: ModelSettings, max_length: int, allow_beyond: bool, base: Optional[str] = None) -> None:
+    """data.max_length must fit the model's context, unless data.allow_beyond_context (checked before any weights)."""
+    if allow_beyond:
+        return
+    base = base or resolve_base(cfg)
+    found = context_length(base, cfg)
+    if found is not None and max_length > found[0]:
+        limit, how = found
+        raise UserError(f"data.max_length {max_length} is more than the context of {cfg.base or 'smollm2-135m-instruct'}: "
+                        f"{limit} tokens ({how}); its positions past {limit} were never trained. Lower data.max_length "
+                        f"to {limit} or less, or set data.allow_beyond_context: true if you know this model works "
+                        "on longer sequences")
+
+
 def quantization_config(cfg: ModelSettings, dtype: torch.dtype, shardable: bool = False):
     """bitsandbytes settings; `shardable` stores the 4-bit values in the compute dtype (quant_storage), which
     FSDP needs to shard them alongside the other weights (train/distributed.py)."""

@@ -24,7 +24,8 @@ from loraforge.atomic import written_whole
 from loraforge.config import RunConfig, save_config
 from loraforge.environment import environment_info
 from loraforge.errors import UserError
-from loraforge.model.load import load_base_model, load_tokenizer, resolve_base, resolve_dtype, select_device
+from loraforge.model.load import (check_max_length, load_base_model, load_tokenizer, resolve_base, resolve_dtype,
+                                  select_device)
 from loraforge.model.fused import FastPathReport, apply_fast_paths
 from loraforge.model.lora import attach_lora, count_parameters
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, TEMPLATE_FILE, checkpoint_name,
@@ -35,6 +36,7 @@ from loraforge.train.checkpoint import TrainerState
 from loraforge.train.health import CollapseWatch
 from loraforge.train.loss import mean_token_loss, perplexity
 from loraforge.train.metrics import MetricsLog
+from loraforge.train.oom import PassWatch, out_of_memory_stops_the_run
 from loraforge.train.optim import build_optimizer, build_scheduler
 from loraforge.train.plan import BatchPlan, collate, collate_packed, split_by_tokens, trained_tokens
 from loraforge.train.progress import TrainProgress
@@ -95,10 +97,13 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
     throughput = {"tokens": 0, "seconds": 0.0}
     stopped_early, warnings = None, []
     collapse = CollapseWatch(len(t.tokenizer), cfg.train.learning_rate)
-    with StopOnSignal(announce=t.ranks.is_main) as stop, TrainProgress(t.total_steps, state.step, console) as progress:
+    watch = t.watch  # an out-of-memory names the step and the pass, and what is intact (train/oom.py)
+    with StopOnSignal(announce=t.ranks.is_main) as stop, TrainProgress(t.total_steps, state.step, console) as progress, \
+            out_of_memory_stops_the_run(watch, checkpoints, cfg.train.micro_batch_size, cfg.data.max_length):
         for step in range(state.step, t.total_steps):
             if step_hook:
                 step_hook(step, None)
+            watch.step = step + 1
             started = time.perf_counter()
             step_loss, step_tokens = _forward_backward(t, cfg, step)
             loss, step_tokens, signum = distributed.step_totals(t.ranks, step_loss, step_tokens, stop.signum)
@@ -127,7 +132,9 @@ def run_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path] = No
 
             last = step + 1 == t.total_steps
             if cfg.train.eval_steps and t.data.eval and ((step + 1) % cfg.train.eval_steps == 0 or last):
+                watch.phase = "eval"
                 stopped_early = _evaluate(t, cfg, state, metrics, checkpoints, say)
+            watch.phase = "save"
             if signum:  # a signal on any rank stops every rank after this same step
                 saved = checkpoints.save_once(state)
                 metrics.close()
@@ -160,6 +167,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     scheduler: object
     params: list  # the trainable ones, whose gradients are clipped
+    watch: PassWatch = field(default_factory=PassWatch)  # what runs now, for an out-of-memory message
 
 
 def _set_up(cfg: RunConfig, run_dir: Path, say) -> _Training:
@@ -173,6 +181,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, say) -> _Training:
     base = resolve_base(cfg.model)
 
     # Data first: a bad row should fail in seconds, not after loading 7B weights.
+    check_max_length(cfg.model, cfg.data.max_length, cfg.data.allow_beyond_context, base)
     tokenizer = load_tokenizer(cfg.model, base)
     data = prepare(cfg.data, tokenizer, log=say)
     if ranks.is_main:
@@ -238,6 +247,7 @@ def _forward_backward(t: _Training, cfg: RunConfig, step: int) -> tuple[torch.Te
     step_tokens = 0
     for index, (rows, weight) in enumerate(passes):
         batch = {k: v.to(t.accelerator.device) for k, v in t.make_batch(rows, t.tokenizer.pad_token_id).items()}
+        t.watch.training(len(rows), batch["input_ids"].numel())
         step_tokens += sum(len(r["input_ids"]) for r in rows) if weight else 0
         last = index == len(passes) - 1
         with t.accelerator.no_sync(t.model) if not last else contextlib.nullcontext():

@@ -18,13 +18,15 @@ from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, CHE
 # Keys whose change leaves a resumed run's numbers exactly as an uninterrupted run's: where
 # things are written, how often, and what is only observed (evaluation runs without gradients
 # or dropout, so it draws no random numbers); gradient checkpointing only trades memory for time
-# (it replays dropout with the saved random state: bitwise the same on the CPU). Everything else -
-# model, data, LoRA shape, batch, schedule, seed, step count - is refused on resume.
+# (it replays dropout with the saved random state: bitwise the same on the CPU); splitting a micro-batch by
+# tokens computes the same gradient in smaller passes (the same up to float rounding), which is how a run that ran
+# out of memory continues (train/oom.py). Everything else - model, data, LoRA shape, batch, schedule, seed, step
+# count - is refused on resume.
 HARMLESS_KEYS = {
     "description", "output_dir", "samples", "eval.metrics", "eval.max_new_tokens", "eval.rows",
     "eval.batch_size", "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.tensorboard",
     "train.eval_steps", "train.early_stopping_patience", "train.max_bad_steps", "train.gradient_checkpointing",
-    "train.keep_best",
+    "train.keep_best", "train.max_tokens_per_micro_batch", "data.allow_beyond_context",
 }
 
 
