@@ -16,7 +16,7 @@ from loraforge.data import report as rep
 from loraforge.data.mixing import held_out, mix
 from loraforge.data.rows import TokenRows, TokenStore
 from loraforge.data.shapes import Example, RowConverter, RowError, detect_shape, resolve_columns
-from loraforge.data.sources import LoadedSource, bundled_path, load_source
+from loraforge.data.sources import LoadedSource, bundled_path, load_source, release_unused_memory
 from loraforge.data.templates import ChatTemplate, Segment, get_template
 from loraforge.data.tokenize import Encoded, encode_rows, encode_tokens, truncate
 from loraforge.errors import UserError
@@ -97,6 +97,7 @@ def prepare(data_cfg: DataSettings, tokenizer, *, log: Callable[[str], None] = p
     report = _report(data_cfg, template, infos, train, evals, eval_from, stats, store, all_readers, encoder)
     for line in _summary_lines(report):
         log(line)
+    release_unused_memory()
     return PreparedData(train=train, eval=evals, samples=samples, report=report, template=template,
                         lengths=stats.lengths)
 

@@ -65,5 +65,5 @@ def _stopped(watch: PassWatch, kind: str, error: Exception, checkpoint: Optional
         advice = f"lower data.max_length ({max_length}); on a GPU, model.quantization: nf4 needs the least memory"
     kept = (f"the last checkpoint, {checkpoint}, is intact" if checkpoint is not None
             else "no checkpoint was saved before it (train.save_steps saves one every N steps)")
-    return TrainingOutOfMemory(f"training ran out of {where} {what}{allocation(error)}; {kept}. To need less: "
+    return TrainingOutOfMemory(f"training ran out of {where}{allocation(error)} {what}; {kept}. To need less: "
                                f"{advice}", checkpoint, settings)
