@@ -96,6 +96,18 @@ def test_training_out_of_host_memory_before_any_checkpoint(capsys, tmp_path, mon
     assert not (tmp_path / "run").exists()  # nothing a user could want back: the same command works once fixed
 
 
+def test_out_of_memory_in_the_evaluation_that_ends_training(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError(GPU_OOM)
+    monkeypatch.setattr("loraforge.evaluate.compare.evaluate_run", fail)
+    run = tmp_path / "run"
+    status, _, err = cli(capsys, "train", "tiny", *FAST, "--set", "train.max_steps=1", "--set", "samples=1",
+                         "--output-dir", str(run))
+    assert_one_error(status, err, f"training finished and its adapter is saved ({run / 'adapter'}), but the "
+                     "evaluation at the end ran out of GPU memory", f"loraforge eval {run} --batch-size 1")
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("command, patch, fragments", [
     (["eval", "{run}", "--metric", "none"], "loraforge.evaluate.compare.loss_side_by_side",
      ["eval ran out of GPU memory (it tried to allocate 2.00 GiB); lower --batch-size"]),

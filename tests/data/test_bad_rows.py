@@ -83,6 +83,8 @@ def test_tokens_problems(tok, write_jsonl):
     fails(tok, write_jsonl("t2.jsonl", [{"input_ids": [1, 5, 2], "labels": [1, 5]}]),
           "line 1: 'labels' has 2 entries but input_ids has 3")
     fails(tok, write_jsonl("t3.jsonl", [{"input_ids": [1, "x"]}]), "line 1: 'input_ids' should contain only integers")
+    fails(tok, write_jsonl("t4.jsonl", [{"input_ids": [1, 5, 2], "labels": [-100, 5, 2**40]}]),
+          "line 1: 'labels' holds values that are neither -100 (not trained) nor token ids")
 
 
 def test_several_bad_rows_are_listed_together(tok, write_jsonl):

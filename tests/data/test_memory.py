@@ -6,13 +6,16 @@ Each command runs in its own child process; a small Python wrapper runs it and r
 it pass `KILL_AT` (a regression then fails the test instead of exhausting the machine). The datasets cache is
 the test's own, so the JSON -> Arrow conversion is part of what is measured.
 
-Measured on the 2-core CI box (2026-12-04), peak RSS:
-- ten rows (the baseline): 438 MB;
-- 1,000,000 rows (`tokens` shape, 22 MB of JSONL): 592 MB (+154 MB: the per-row counts, ~40 bytes a row, and the
-  memory-mapped Arrow file); before this change 100,000 rows of the same size took 1,249 MB (~8 KB a row);
-- one 20 MB row among short ones: 690 MB (+250 MB, most of it pyarrow parsing the 20 MB line; the tokenizer
-  sees only the first ~2 x 8 x max_length characters); before, ~5 GB;
-- `loraforge train` on that file, one step: see `test_training_on_a_20_mb_row`.
+Measured on the 2-core box (2026-12-04, other jobs running), peak RSS and wall time:
+- ten rows (the baseline): 435-438 MB, 7 s;
+- 1,000,000 rows (`tokens` shape, 22 MB of JSONL): 669 MB (+234 MB: datasets' JSON -> Arrow conversion, the
+  per-row counts at ~40 bytes a row, the memory-mapped Arrow file), 26 s; before this change 100,000 rows of
+  the same kind took 1,249 MB (~8 KB a row: a million would need ~8 GB);
+- one 20 MB row among ten short ones: 571-589 MB (+136-151 MB, mostly pyarrow parsing the 20 MB line; the
+  tokenizer sees only the first 2 x 8 x (max_length + 1) characters), 12 s; before: 2,391 MB with this
+  tokenizer (this test failed), ~5 GB with SmolLM2's;
+- one training step on that file: 662 MB, against 652 MB on ten short rows with the same settings (~25 s each).
+Margins: MILLION_ROWS_MARGIN_MB and BIG_ROW_MARGIN_MB below. Whole module: ~75 s.
 """
 import json
 import os

@@ -95,7 +95,7 @@ def prepare(data_cfg: DataSettings, tokenizer, *, log: Callable[[str], None] = p
 
     samples = _samples(stats.eval_chats) or _samples(_chats(store, mixed, all_readers))
     report = _report(data_cfg, template, infos, train, evals, eval_from, stats, store, all_readers, encoder)
-    for line in _summary_lines(report):
+    for line in rep.summary_lines(report):
         log(line)
     release_unused_memory()
     return PreparedData(train=train, eval=evals, samples=samples, report=report, template=template,
@@ -380,14 +380,3 @@ def _report(cfg, template, infos, train: TokenRows, evals: TokenRows, eval_from,
         "examples": examples,
         "warnings": warnings,
     }
-
-
-def _summary_lines(report: dict) -> list[str]:
-    t = report["tokens"]["total"]
-    lines = [
-        f"data: {report['rows']['train']} train / {report['rows']['eval']} eval rows; template {report['template']['name']}, "
-        f"loss on {report['train_on']}; tokens per row min {t['min']} / median {t['median']} / p95 {t['p95']} / max {t['max']}; "
-        f"{report['trainable_share']:.0%} of train tokens trained"
-    ]
-    lines += [f"data: warning: {w}" for w in report["warnings"]]
-    return lines

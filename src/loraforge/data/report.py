@@ -53,6 +53,18 @@ def sample_lengths(lengths: dict, cap: int = 20000) -> dict:
     return {k: [v[i] for i in idx] for k, v in lengths.items()}
 
 
+def summary_lines(report: dict) -> list[str]:
+    """What `prepare` logs: rows, template, the length distribution, the trained share, warnings."""
+    t = report["tokens"]["total"]
+    lines = [
+        f"data: {report['rows']['train']} train / {report['rows']['eval']} eval rows; template {report['template']['name']}, "
+        f"loss on {report['train_on']}; tokens per row min {t['min']} / median {t['median']} / p95 {t['p95']} / max {t['max']}; "
+        f"{report['trainable_share']:.0%} of train tokens trained"
+    ]
+    lines += [f"data: warning: {w}" for w in report["warnings"]]
+    return lines
+
+
 def marked_segments(enc, tokenizer) -> list[dict]:
     """The kept text of an encoded row as [{text, trainable}] runs, following the real labels."""
     runs: list[dict] = []
