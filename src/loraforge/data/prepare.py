@@ -6,16 +6,18 @@ from typing import Callable
 
 from loraforge.config import DatasetSource, DataSettings
 from loraforge.data import report as rep
+from loraforge.data.control_tokens import control_pattern
 from loraforge.data.mixing import carve_eval, mix
 from loraforge.data.shapes import Example, RowConverter, RowError, detect_shape, resolve_columns
 from loraforge.data.sources import LoadedSource, bundled_path, load_source
 from loraforge.data.templates import ChatTemplate, Segment, get_template
-from loraforge.data.tokenize import IGNORE, encode_batch, encode_tokens, truncate
+from loraforge.data.tokenize import IGNORE, encode_batch, encode_prompt, encode_tokens, truncate
 from loraforge.errors import UserError
 
 MAX_LISTED = 10  # bad rows listed in one error message
 N_SAMPLES = 5
 N_EXAMPLES = 3
+N_MARKED_SHOWN = 5  # rows with a template marker in their message text, listed in the report
 
 
 @dataclass
@@ -133,6 +135,8 @@ class _Stats:
         self.over = self.truncated = self.dropped_long = self.dropped_empty = self.straddles = 0
         self.prompts_checked = self.prompt_mismatches = self.unlabelled = 0
         self.dropped: list[tuple] = []  # (example, reason)
+        self.marked = 0  # rows whose message text holds one of the template's markers
+        self.marked_shown: list[dict] = []  # the first few: where, and the marker
 
 
 def _encode(examples: list[Example], template, tokenizer, train_all, cfg, stats: _Stats, loaded):
@@ -140,7 +144,8 @@ def _encode(examples: list[Example], template, tokenizer, train_all, cfg, stats:
     seg_items, seg_idx, encs = [], [], [None] * len(examples)
     for k, ex in enumerate(examples):
         if ex.messages is not None:
-            seg_items.append(template.render(ex.messages))
+            _count_markers(ex, template, stats, loaded)
+            seg_items.append(template.rendered(ex.messages))
             seg_idx.append(k)
         elif ex.text is not None:
             seg_items.append([Segment(ex.text, True)])
@@ -148,7 +153,7 @@ def _encode(examples: list[Example], template, tokenizer, train_all, cfg, stats:
         else:
             encs[k] = encode_tokens(ex.input_ids, ex.labels, train_all)
             stats.unlabelled += ex.labels is None and not train_all
-    for k, enc in zip(seg_idx, encode_batch(seg_items, tokenizer, train_all)):
+    for k, enc in zip(seg_idx, encode_batch(seg_items, tokenizer, train_all, template.control_tokens)):
         encs[k] = enc
     _check_prompt_tokens(examples, encs, template, tokenizer, stats)
     kept = []
@@ -189,9 +194,20 @@ def _check_prompt_tokens(examples, encs, template, tokenizer, stats: _Stats, lim
         starts = [i for i, r in enumerate(enc.response) if r and (i == 0 or not enc.response[i - 1])]
         for k, start in zip(turns, starts):
             stats.prompts_checked += 1
-            ids = tokenizer(template.prompt(ex.messages[:k]), add_special_tokens=False)["input_ids"]
-            if ids != enc.input_ids[:start]:
+            if encode_prompt(template, ex.messages[:k]) != enc.input_ids[:start]:
                 stats.prompt_mismatches += 1
+
+
+def _count_markers(ex: Example, template, stats: _Stats, loaded) -> None:
+    """Count a row whose message text holds one of the template's markers; keep the first few to show."""
+    pattern = control_pattern(template.markers)
+    found = next((m for m in (pattern.search(msg["content"]) for msg in ex.messages) if m), None)
+    if found is None:
+        return
+    marker = found.group(0)
+    stats.marked += 1
+    if len(stats.marked_shown) < N_MARKED_SHOWN:
+        stats.marked_shown.append({"where": _where(ex, loaded), "marker": marker})
 
 
 def _all_dropped_message(stats: _Stats, cfg) -> str:
@@ -251,6 +267,12 @@ def _report(cfg, template, infos, train, evals, eval_from, stats: _Stats, mixed,
     if stats.unlabelled:
         warnings.append(f"{stats.unlabelled} pre-tokenized row(s) have no labels: every token is trained. "
                         "Add a labels column (-100 for prompt tokens) for loss on responses only.")
+    if stats.marked:
+        first = stats.marked_shown[0]
+        warnings.append(f"{stats.marked} row(s) hold the template's markers in their message text (first: "
+                        f"{first['where']}: {first['marker']!r}). Message text is tokenized as text, so a special "
+                        "token there (<|im_end|>, </s>) is not a turn boundary; a marker that is plain text "
+                        "([INST], ### HUMAN:) reads the same as the template's own.")
     if stats.prompt_mismatches:
         warnings.append(f"for {stats.prompt_mismatches} of {stats.prompts_checked} checked replies the inference "
                         "prompt tokenizes differently from the training text before the reply (this tokenizer "
@@ -275,6 +297,7 @@ def _report(cfg, template, infos, train, evals, eval_from, stats: _Stats, mixed,
         "trained_tokens": trained,
         "boundary_straddles": stats.straddles,
         "prompt_token_check": {"checked": stats.prompts_checked, "mismatches": stats.prompt_mismatches},
+        "markers_in_text": {"rows": stats.marked, "shown": stats.marked_shown},
         "histogram": rep.histogram(stats.lengths["total"], cfg.max_length),
         "lengths": rep.sample_lengths(stats.lengths),
         "legend": rep.LEGEND,

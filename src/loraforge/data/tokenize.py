@@ -2,16 +2,19 @@
 
 The whole training string is tokenized at once (add_special_tokens=False: BOS/EOS come from the
 template text), so the ids are exactly what the model sees and what the inference prompt tokenizes
-to. A token is trainable when it *starts* inside a trainable segment; for Llama's SentencePiece the
-token `▁answer` starts at the space after `[/INST]`, which belongs to the response segment.
+to (`encode_prompt`, the one way prompts are tokenized). A token is trainable when it *starts* inside
+a trainable segment; for Llama's SentencePiece the token `▁answer` starts at the space after
+`[/INST]`, which belongs to the response segment. Message text is tokenized as text even where it
+holds a control token such as `</s>` (data/control_tokens.py).
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from loraforge.data.templates import Segment
+from loraforge.data.control_tokens import encode_text, forged
+from loraforge.data.templates import ChatTemplate, Rendered, Segment
 
 IGNORE = -100
 
@@ -36,19 +39,33 @@ def _spans(segments: list[Segment]) -> tuple[str, list[int], list[bool]]:
     return "".join(text), bounds, flags
 
 
-def encode_batch(items: list[list[Segment]], tokenizer, train_all: bool) -> list[Encoded]:
-    """Tokenize many segment lists at once."""
+def encode_prompt(template: ChatTemplate, messages: list[dict]) -> list[int]:
+    """The token ids of the prompt for the next assistant turn, exactly as training tokenized that prefix:
+    message text as text, the template's markers as its tokens. Everything that generates uses this."""
+    rendered = template.rendered_prompt(messages)
+    return encode_text(rendered.text, rendered.content, template.tokenizer, template.control_tokens)[0]
+
+
+def encode_batch(items: list[Union[Rendered, list[Segment]]], tokenizer, train_all: bool,
+                 controls: tuple[str, ...] = ()) -> list[Encoded]:
+    """Tokenize many rendered rows at once. A `Rendered` row's message text stays text (`controls`: the
+    template's control tokens); a bare segment list is all markup (a ready-formatted `text` row)."""
     if not items:
         return []
-    prepared = [_spans(segs) for segs in items]
+    items = [r if isinstance(r, Rendered) else Rendered(list(r)) for r in items]
+    prepared = [_spans(r.segments) for r in items]
     texts = [p[0] for p in prepared]
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         all_ids, all_offsets = enc["input_ids"], enc["offset_mapping"]
+        for k, (text, r) in enumerate(zip(texts, items)):
+            if forged(text, r.content, controls):  # the rare row whose message text holds a control token
+                all_ids[k], all_offsets[k] = encode_text(text, r.content, tokenizer, controls)
     else:
         all_ids, all_offsets = [], []
-        for text, bounds, _ in prepared:
-            ids, offs = _encode_slow(text, bounds, tokenizer)
+        for (text, bounds, _), r in zip(prepared, items):
+            ids, offs = _encode_slow(text, bounds, lambda s, c=r.content: encode_text(
+                s, _clip(c, len(s)), tokenizer, controls)[0])
             all_ids.append(ids)
             all_offsets.append(offs)
     out = []
@@ -65,13 +82,17 @@ def encode_batch(items: list[list[Segment]], tokenizer, train_all: bool) -> list
     return out
 
 
-def _encode_slow(text: str, bounds: list[int], tokenizer):
+def _clip(spans, length: int):
+    return tuple((a, min(b, length)) for a, b in spans if a < length)
+
+
+def _encode_slow(text: str, bounds: list[int], encode):
     """No offsets: tokenize the prefix up to each boundary and use the token counts."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = encode(text)
     offsets, prev_n = [], 0
     cuts = bounds[1:] + [len(text)]
     for start, cut in zip(bounds, cuts):
-        n = len(tokenizer.encode(text[:cut], add_special_tokens=False)) if cut < len(text) else len(ids)
+        n = len(encode(text[:cut])) if cut < len(text) else len(ids)
         offsets.extend([(start, cut)] * max(n - prev_n, 0))
         prev_n = max(n, prev_n)
     return ids, offsets[: len(ids)] + [(len(text), len(text))] * (len(ids) - len(offsets))
