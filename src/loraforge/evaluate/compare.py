@@ -81,6 +81,7 @@ def prompt_and_reference(row: dict, tokenizer, template) -> Optional[dict]:
     from loraforge.infer.generate import text_stops
 
     ids = list(row["input_ids"])
+    span = _last_response_span(row["labels"])
     text, literal = decode_with_literals(ids, tokenizer, template.control_tokens)
     messages = template.parse(text, literal)
     if messages and messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
@@ -89,10 +90,11 @@ def prompt_and_reference(row: dict, tokenizer, template) -> Optional[dict]:
             p_ids = encode_prompt(template, context)
         except ValueError:
             p_ids = None
-        if p_ids is not None and ids[:len(p_ids)] == p_ids:  # the canonical prompt is what training saw
+        # The canonical prompt is what training saw, up to where the trained reply starts (a marker written
+        # in a question can make a parse end the question early: the labels know better).
+        if p_ids is not None and ids[:len(p_ids)] == p_ids and (span is None or span[0] in (0, len(p_ids))):
             return {"messages": context, "prompt": template.prompt(context), "prompt_ids": p_ids,
                     "reference": messages[-1]["content"].strip()}
-    span = _last_response_span(row["labels"])
     if span is None or span[0] == 0:
         return None
     prompt = tokenizer.decode(ids[:span[0]], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -25,10 +25,10 @@ class Chat:
     def prompt_for(self, user_text: str) -> tuple[str, int]:
         """The prompt for the next reply, and how many of the oldest exchanges were left out so that it
         fits the context with room for the reply."""
-        history, _, dropped = self._fitted(user_text)
+        history, _, dropped = self.fit(user_text)
         return self.session.template.prompt(history), dropped
 
-    def _fitted(self, user_text: str) -> tuple[list[dict], list[int], int]:
+    def fit(self, user_text: str) -> tuple[list[dict], list[int], int]:
         """The conversation to answer, its prompt's token ids and how many of the oldest exchanges were left
         out so that it fits the context with room for the reply."""
         history = self.history + [{"role": "user", "content": user_text}]
@@ -42,7 +42,7 @@ class Chat:
             dropped += 1
 
     def ask(self, user_text: str, on_text: Optional[Callable[[str], None]] = None) -> str:
-        _, prompt, dropped = self._fitted(user_text)
+        _, prompt, dropped = self.fit(user_text)
         check_fits(self.session.model, self.session.tokenizer, prompt, self.sampling.max_new_tokens, "this message")
         reply = generate_reply(self.session.model, self.session.tokenizer, prompt, on_text=on_text,
                                stop_strings=reply_stop_strings(self.session.template), **self.sampling.as_kwargs())
