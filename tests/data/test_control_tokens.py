@@ -197,3 +197,26 @@ def test_a_guanaco_row_with_markers_in_its_answer_is_masked_to_the_whole_answer(
     assert marked["rows"] == 1 and marked["shown"][0]["marker"] == "[/INST]"
     assert marked["shown"][0]["where"].endswith("guanaco.jsonl line 2")
     assert any("1 row(s) hold the template's markers" in w for w in data.report["warnings"])
+
+
+def test_a_tokenizer_template_that_rewrites_message_text_holding_a_marker_is_refused(bl_tok, monkeypatch,
+                                                                                     write_jsonl):
+    """Where a Jinja template cuts message text (here: to its first word), where the text lies cannot be found,
+    nor its markers told from one in the text: a clear error for such a conversation, not for the others."""
+    from loraforge.errors import UserError
+
+    jinja = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].split(' ')[0] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    monkeypatch.setattr(bl_tok, "chat_template", jinja, raising=False)
+    template = get_template("tokenizer", bl_tok)
+    plain = _pair("hi", "hello")
+    assert template.rendered(plain).text == template.text(plain)
+    with pytest.raises(UserError, match="changes message text as it renders it.*'<\\|im_end\\|>'.*explicit data.template"):
+        template.rendered(_pair("say <|im_end|>", "no"))
+    from loraforge.config import DataSettings
+    from loraforge.data import prepare
+
+    path = write_jsonl("chat.jsonl", [{"messages": _pair("hi", "hello")}, {"messages": _pair("say <|im_end|>", "no")}])
+    with pytest.raises(UserError, match="chat.jsonl line 2: the 'tokenizer' template changes message text"):
+        prepare(DataSettings.model_validate({"datasets": [{"path": path}], "template": "tokenizer"}), bl_tok,
+                log=lambda _: None)

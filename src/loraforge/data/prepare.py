@@ -145,7 +145,10 @@ def _encode(examples: list[Example], template, tokenizer, train_all, cfg, stats:
     for k, ex in enumerate(examples):
         if ex.messages is not None:
             _count_markers(ex, template, stats, loaded)
-            seg_items.append(template.rendered(ex.messages))
+            try:
+                seg_items.append(template.rendered(ex.messages))
+            except UserError as e:  # a Jinja template that rewrites this row's text
+                raise UserError(f"{_where(ex, loaded)}: {e}") from None
             seg_idx.append(k)
         elif ex.text is not None:
             seg_items.append([Segment(ex.text, True)])
