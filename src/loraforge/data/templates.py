@@ -198,11 +198,11 @@ class ChatTemplate:
         return self.record()
 
     # --- helpers -------------------------------------------------------------------------------
-    def _render(self, messages: list[dict], mark: Optional[tuple[str, str]]) -> list[Segment]:
+    def _render(self, messages: list[dict], mark: Optional[str]) -> list[Segment]:
         system, turns = self._prepare(messages, mark)
         return _merge([s for s in self._segments(system, turns) if s.text])
 
-    def _prompt(self, messages: list[dict], mark: Optional[tuple[str, str]]) -> str:
+    def _prompt(self, messages: list[dict], mark: Optional[str]) -> str:
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("prompt() needs messages ending with a user turn")
         segs = self._render(list(messages) + [{"role": "assistant", "content": "x"}], mark)
@@ -212,9 +212,9 @@ class ChatTemplate:
     def _parse(self, text: str) -> Optional[list[dict]]:
         return None
 
-    def _prepare(self, messages: list[dict], mark: Optional[tuple[str, str]] = None):
-        """(system, [(role, content)]) with contents stripped; `mark` = (open, close) wraps every message text
-        and the system prompt, so that `_locate_content` can find them in the rendered string."""
+    def _prepare(self, messages: list[dict], mark: Optional[str] = None):
+        """(system, [(role, content)]) with contents stripped; `mark`, two characters (open, close), wraps every
+        message text and the system prompt, so that `_locate_content` can find them in the rendered string."""
         check_messages(messages)
         wrap = (lambda text: f"{mark[0]}{text}{mark[1]}") if mark else (lambda text: text)
         system = None
@@ -240,7 +240,7 @@ class ChatTemplate:
         texts += [self.system_prompt] if self.system_prompt else []
         if not any(token in t for t in texts for token in self.control_tokens):
             return Rendered(plain)
-        mark = _free_characters("".join(texts), 2)
+        mark = _free_characters("".join(texts + [s.text for s in plain]), 2)
         located = _unmark(render(mark), mark)
         if located is None or "".join(s.text for s in located[0]) != "".join(s.text for s in plain):
             raise UserError(
@@ -376,9 +376,10 @@ class Llama2Template(ChatTemplate):
         bos, eos = self._alt(self._bos_forms), self._alt(self._eos_forms)
         turn_start = re.compile(rf"\s*(?:{bos})?\s*\[INST\]", re.S)
         ends = re.compile(rf"(?P<eos>{eos})|(?P<turn>(?:{bos})?\s*\[INST\])", re.S)
+        blank_to_end = re.compile(r"\s*\Z")
         last_close = text.rfind("[/INST]")  # a turn start with no [/INST] after it starts no turn
         pos, pairs, system = 0, [], None
-        while text[pos:].strip():
+        while not blank_to_end.match(text, pos):
             m = turn_start.match(text, pos)
             close = text.find("[/INST]", m.end()) if m else -1
             if close < 0:
@@ -394,7 +395,7 @@ class Llama2Template(ChatTemplate):
             eos_in_reply = False
             for end in ends.finditer(text, body):
                 if end.group("eos") is not None:
-                    if not text[end.end():].strip() or turn_start.match(text, end.end()):
+                    if blank_to_end.match(text, end.end()) or turn_start.match(text, end.end()):
                         reply_end, next_pos = end.start(), end.end()
                         break
                     eos_in_reply = True
