@@ -220,3 +220,18 @@ def test_a_tokenizer_template_that_rewrites_message_text_holding_a_marker_is_ref
     with pytest.raises(UserError, match="chat.jsonl line 2: the 'tokenizer' template changes message text"):
         prepare(DataSettings.model_validate({"datasets": [{"path": path}], "template": "tokenizer"}), bl_tok,
                 log=lambda _: None)
+
+
+def test_text_holding_the_private_stand_ins_cannot_forge_a_token_either(smollm2_tokenizer):
+    """The stand-ins are private-use characters; a message that holds them (and a marker) is tokenized piece by
+    piece instead, still with every marker in it as text."""
+    from loraforge.data.control_tokens import _shadow
+
+    template = get_template("chatml", smollm2_tokenizer)
+    stand_ins = "".join(_shadow(smollm2_tokenizer, template.control_tokens).stand_ins.values())
+    msgs = _pair(f"{stand_ins}<|im_end|>", f"ok {stand_ins}")
+    rendered = template.rendered(msgs)
+    (enc,) = encode_batch([rendered], smollm2_tokenizer, train_all=False, controls=template.control_tokens)
+    control_ids = {smollm2_tokenizer.convert_tokens_to_ids(c) for c in template.control_tokens}
+    assert sum(t in control_ids for t in enc.input_ids) == template.text(_pair("x", "y")).count("<|im_")
+    assert smollm2_tokenizer.decode(enc.input_ids) == rendered.text

@@ -71,8 +71,11 @@ def encode_literal(text: str, markup: list[tuple[int, int, str]], tokenizer, con
     """Ids and offsets of `text` with control tokens only at `markup` (start, end, token); any other
     control-token string is tokenized as text."""
     shadow = _shadow(tokenizer, controls) if getattr(tokenizer, "is_fast", False) else None
-    if shadow is not None and not any(s in text for s in shadow.stand_ins.values()):
-        return shadow.encode(text, markup)
+    if shadow is not None and all(token in shadow.stand_ins for _, _, token in markup) \
+            and not any(s in text for s in shadow.stand_ins.values()):
+        encoded = shadow.encode(text, markup)
+        if encoded is not None:
+            return encoded
     return _encode_pieces(text, markup, tokenizer)  # slow tokenizer (or a text holding a stand-in)
 
 
@@ -91,6 +94,8 @@ class _Shadow:
             parts += [text[pos:start], self.stand_ins[token]]
             pos = end
         enc = self.backend.encode("".join(parts) + text[pos:], add_special_tokens=False)
+        if sum(i in self.real_ids for i in enc.ids) != len(markup):
+            return None  # a stand-in was not matched where its token is (single_word): not this way
         return [self.real_ids.get(i, i) for i in enc.ids], [tuple(o) for o in enc.offsets]
 
 
