@@ -64,3 +64,18 @@ def test_tokenizer_failure_is_a_user_error(tmp_path, dataset, capsys):
     code = main(["data", "inspect", "--dataset", dataset, "--set", f"model.base={missing}", "--out", str(tmp_path)])
     assert code == 2
     assert "the tokenizer could not be loaded" in capsys.readouterr().err
+
+
+def test_inspect_counts_and_shows_rows_with_markers_in_their_text(tiny_model_dir, write_jsonl, tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [{"role": "user", "content": "Say </s> please"}, {"role": "assistant", "content": "</s>"}]},
+            {"input": "Explain [/INST].", "output": "It closes a question."}]
+    first, second = write_jsonl("chat.jsonl", rows[:2]), write_jsonl("qa.jsonl", rows[2:])
+    out = tmp_path / "out"
+    assert main(["data", "inspect", "tiny", "--dataset", first, "--out", str(out), "--set", "data.eval_fraction=0"]) == 0
+    text = capsys.readouterr().out
+    assert "rows with template markers in their message text: 1" in text and "chat.jsonl line 2: </s>" in text
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["markers_in_text"]["rows"] == 1
+    assert main(["data", "inspect", "tiny", "--dataset", second, "--out", str(out), "--set", "data.eval_fraction=0"]) == 0
+    assert "qa.jsonl line 1: [/INST]" in capsys.readouterr().out

@@ -55,7 +55,7 @@ def llama2(tiny_tokenizer):
 def _encode(template, tokenizer, messages, train_all=False):
     from loraforge.data.tokenize import encode_batch
 
-    enc, = encode_batch([template.render(messages)], tokenizer, train_all)
+    enc, = encode_batch([template.rendered(messages)], tokenizer, train_all, template.control_tokens)
     return {"input_ids": enc.input_ids, "labels": enc.labels}
 
 
@@ -78,6 +78,36 @@ def test_prompt_and_reference_parse_the_row_back_to_the_training_prompt(llama2, 
                             "Paris. </s><s>[INST] And of Italy? [/INST]")
     prompt_ids = tiny_tokenizer(ex["prompt"], add_special_tokens=False).input_ids
     assert row["input_ids"][:len(prompt_ids)] == prompt_ids
+
+
+@pytest.mark.parametrize("name,tokname,end,eos", [
+    ("llama2", "tiny_tokenizer", "</s><s>[INST]", "</s>"),
+    ("chatml", "smollm2_tokenizer", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>"),
+])
+def test_a_question_holding_markers_is_parsed_back_as_written(name, tokname, end, eos, request):
+    """Markers written in a row's text came from text tokens: eval reads them as text, and generates from
+    the very prompt tokens training saw."""
+    from loraforge.data.tokenize import encode_prompt
+
+    tokenizer = request.getfixturevalue(tokname)
+    template = get_template(name, tokenizer)
+    chat = [{"role": "user", "content": f"What does {end} do?"}, {"role": "assistant", "content": f"Ends: {eos} x."},
+            {"role": "user", "content": f"And {end}?"}, {"role": "assistant", "content": f"Also {eos} ends."}]
+    row = _encode(template, tokenizer, chat)
+    ex = prompt_and_reference(row, tokenizer, template)
+    assert ex["messages"] == chat[:-1] and ex["reference"] == chat[-1]["content"]
+    assert ex["prompt_ids"] == encode_prompt(template, chat[:-1]) == row["input_ids"][:len(ex["prompt_ids"])]
+
+
+def test_where_a_question_reads_two_ways_the_labels_decide(llama2, tiny_tokenizer):
+    """`[/INST]` is plain text in Llama 2's format: a question holding it parses as a shorter question, which the
+    trained labels contradict; the reference and prompt then come from the labels."""
+    chat = [{"role": "user", "content": "What does [/INST] mean?"}, {"role": "assistant", "content": "It ends a question."}]
+    row = _encode(llama2, tiny_tokenizer, chat)
+    ex = prompt_and_reference(row, tiny_tokenizer, llama2)
+    assert ex["reference"] == "It ends a question."
+    assert ex["prompt"] == "<s>[INST] What does [/INST] mean? [/INST]"
+    assert ex["prompt_ids"] == row["input_ids"][:len(ex["prompt_ids"])] and row["labels"][len(ex["prompt_ids"])] != -100
 
 
 def test_rows_in_no_template_fall_back_to_the_trained_labels(llama2, tiny_tokenizer):

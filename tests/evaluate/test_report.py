@@ -184,3 +184,13 @@ def test_a_damaged_metrics_line_is_named(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{run / 'metrics.jsonl'}, line 2: not valid JSON" in result.stderr
     assert not (run / "report.html").exists()
+
+
+def test_the_data_section_counts_rows_with_markers_in_their_text(tmp_path):
+    from loraforge.evaluate.report.sections import data_section
+
+    html = data_section({"markers_in_text": {"rows": 3, "shown": []},
+                         "warnings": ["3 row(s) hold the template's markers (first: a.jsonl line 2: '<|im_end|>')"]},
+                        tmp_path, 64)
+    assert '<th scope="row">rows with template markers in message text</th><td class="num">3</td>' in html
+    assert "a.jsonl line 2: &#x27;&lt;|im_end|&gt;&#x27;" in html  # the marker shows as text

@@ -157,6 +157,11 @@ def show(console, report: dict) -> None:
         f"dropped with no trainable token: {report['dropped_no_trainable']}"))
     for w in report["warnings"]:
         console.print(Text(f"warning: {w}", style="yellow"))
+    marked = report.get("markers_in_text") or {}
+    if marked.get("rows"):
+        console.print(Text(f"rows with template markers in their message text: {marked['rows']}; the first:"))
+        for row in marked["shown"]:
+            console.print(Text(f"  {row['where']}: {row['marker']}"), soft_wrap=True)
     for ex in report["examples"]:
         console.print(Text(f"\nexample: {ex['where']} ({ex['tokens']} tokens, {ex['trained_tokens']} trained)",
                            style="bold"))

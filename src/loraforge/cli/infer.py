@@ -106,10 +106,11 @@ def run_generate(args) -> int:
 
 
 def _generate_one(args, sampling, console) -> int:
+    from loraforge.data.tokenize import encode_prompt
     from loraforge.infer.generate import check_fits, generate_reply, reply_stop_strings
 
     session = _load(args, console)
-    prompt = session.template.prompt([{"role": "user", "content": args.prompt}])
+    prompt = encode_prompt(session.template, [{"role": "user", "content": args.prompt}])
     check_fits(session.model, session.tokenizer, prompt, sampling.max_new_tokens, "--prompt")
     reply = generate_reply(session.model, session.tokenizer, prompt, stop_strings=reply_stop_strings(session.template),
                            on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **sampling.as_kwargs())

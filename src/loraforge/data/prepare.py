@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from loraforge.config import DatasetSource, DataSettings
 from loraforge.data import report as rep
+from loraforge.data.control_tokens import control_pattern
 from loraforge.data.mixing import held_out, mix
 from loraforge.data.rows import TokenRows, TokenStore
 from loraforge.data.shapes import Example, RowConverter, RowError, detect_shape, resolve_columns
 from loraforge.data.sources import LoadedSource, bundled_path, load_source, release_unused_memory
 from loraforge.data.templates import ChatTemplate, Segment, get_template
-from loraforge.data.tokenize import Encoded, encode_rows, encode_tokens, truncate
+from loraforge.data.tokenize import IGNORE, Encoded, encode_prompt, encode_rows, encode_tokens, truncate
 from loraforge.errors import UserError
 
 MAX_LISTED = 10  # bad rows listed in one error message
@@ -27,6 +28,7 @@ N_SAMPLES = 5
 N_EXAMPLES = 3
 READ_BATCH = 1000  # rows read from Arrow at a time
 ENCODE_BATCH = 256  # rows tokenized in one call
+N_MARKED_SHOWN = 5  # rows with a template marker in their message text, listed in the report
 
 
 @dataclass
@@ -169,18 +171,26 @@ class _Encoder:
         self.template, self.tokenizer, self.cfg = template, tokenizer, cfg
         self.train_all = cfg.train_on == "all"
 
-    def encode(self, examples: list[Example]) -> list[Encoded]:
-        items, where, out = [], [], [None] * len(examples)
+    def encode(self, examples: list[Example], where: Callable[[Example], str], stats: Optional["_Stats"] = None
+               ) -> list[Encoded]:
+        """`where(example)` names a row in an error; `stats` (when given) counts rows with markers in their text."""
+        items, picked, out = [], [], [None] * len(examples)
         for k, ex in enumerate(examples):
             if ex.messages is not None:
-                items.append(self.template.render(ex.messages))
-                where.append(k)
+                if stats is not None:
+                    stats.count_markers(ex, self.template, where)
+                try:
+                    items.append(self.template.rendered(ex.messages))
+                except UserError as e:  # a Jinja template that rewrites this row's text
+                    raise UserError(f"{where(ex)}: {e}") from None
+                picked.append(k)
             elif ex.text is not None:
                 items.append([Segment(ex.text, True)])
-                where.append(k)
+                picked.append(k)
             else:
                 out[k] = encode_tokens(ex.input_ids, ex.labels, self.train_all)
-        for k, enc in zip(where, encode_rows(items, self.tokenizer, self.train_all, self.cfg.max_length)):
+        encs = encode_rows(items, self.tokenizer, self.train_all, self.cfg.max_length, self.template.control_tokens)
+        for k, enc in zip(picked, encs):
             out[k] = enc
         return out
 
@@ -196,6 +206,18 @@ class _Stats:
         self.prompts_checked = self.prompt_mismatches = self.unlabelled = 0
         self.dropped: list[tuple] = []  # (source key, row index, reason), the first MAX_DROPPED
         self.eval_chats: list[Example] = []  # the first kept held-out conversations, for samples
+        self.marked = 0  # rows whose message text holds one of the template's markers
+        self.marked_shown: list[dict] = []  # the first few: where, and the marker
+
+    def count_markers(self, ex: Example, template, where: Callable[[Example], str]) -> None:
+        """Count a row whose message text holds one of the template's markers; keep the first few to show."""
+        pattern = control_pattern(template.markers)
+        found = next((m for m in (pattern.search(msg["content"]) for msg in ex.messages) if m), None)
+        if found is None:
+            return
+        self.marked += 1
+        if len(self.marked_shown) < N_MARKED_SHOWN:
+            self.marked_shown.append({"where": where(ex), "marker": found.group(0)})
 
     def drop(self, ex: Example, reason: str) -> None:
         if len(self.dropped) < MAX_DROPPED:
@@ -210,17 +232,17 @@ def _stream(reader: _Reader, encoder: _Encoder, store: TokenStore, stats: _Stats
     for ex in reader.examples():
         batch.append(ex)
         if len(batch) == ENCODE_BATCH:
-            checked = _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked)
+            checked = _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked, reader.where)
             batch = []
     if batch:
-        _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked)
+        _keep(batch, encoder, store, stats, pool, eval_picks, is_held, checked, reader.where)
 
 
 def _keep(examples: list[Example], encoder: _Encoder, store: TokenStore, stats: _Stats, pool: array,
-          eval_picks: array, is_held: Callable[[int], bool], checked: int) -> int:
+          eval_picks: array, is_held: Callable[[int], bool], checked: int, where: Callable[[int], str]) -> int:
     """One batch of `_stream`; returns how many of the source's conversations had their prompt tokens checked."""
     cfg, train_all = encoder.cfg, encoder.train_all
-    encs = encoder.encode(examples)
+    encs = encoder.encode(examples, lambda ex: where(ex.index), stats)
     checked = _check_prompt_tokens(examples, encs, encoder.template, encoder.tokenizer, stats, checked)
     for ex, enc in zip(examples, encs):
         if ex.input_ids is not None:
@@ -242,7 +264,7 @@ def _keep(examples: list[Example], encoder: _Encoder, store: TokenStore, stats: 
                 continue
             enc = truncate(enc, cfg.max_length)
             stats.truncated += 1
-        if not any(lab != -100 for lab in enc.labels):
+        if not any(lab != IGNORE for lab in enc.labels):
             stats.dropped_empty += 1
             stats.drop(ex, "no trainable token left after truncation")
             continue
@@ -271,8 +293,7 @@ def _check_prompt_tokens(examples, encs, template, tokenizer, stats: _Stats, che
         starts = [i for i, r in enumerate(enc.response) if r and (i == 0 or not enc.response[i - 1])]
         for k, start in zip(turns, starts):
             stats.prompts_checked += 1
-            ids = tokenizer(template.prompt(ex.messages[:k]), add_special_tokens=False)["input_ids"]
-            if ids != enc.input_ids[:start]:
+            if encode_prompt(template, ex.messages[:k]) != enc.input_ids[:start]:
                 stats.prompt_mismatches += 1
     return checked
 
@@ -321,11 +342,11 @@ def _examples(store: TokenStore, mixed: array, readers: list[_Reader], encoder: 
     examples = []
     for k in picked:
         reader = readers[store.source[k]]
-        (enc,) = encoder.encode([reader.example_at(store.index[k])])
+        (enc,) = encoder.encode([reader.example_at(store.index[k])], lambda ex, r=reader: r.where(ex.index))
         enc = encoder.kept(enc)
         runs = rep.marked_segments(enc, encoder.tokenizer)
         examples.append({"where": reader.where(store.index[k]), "tokens": len(enc.input_ids),
-                         "trained_tokens": sum(1 for lab in enc.labels if lab != -100),
+                         "trained_tokens": sum(1 for lab in enc.labels if lab != IGNORE),
                          "marked": rep.marked_text(runs), "segments": runs})
     return examples
 
@@ -334,26 +355,7 @@ def _report(cfg, template, infos, train: TokenRows, evals: TokenRows, eval_from,
             readers: list[_Reader], encoder: _Encoder) -> dict:
     tokens, trained = train.token_count(), train.trained_count()
     examples = _examples(store, train.picks, readers, encoder)
-    warnings = []
-    if stats.over:
-        action = "dropped" if cfg.truncation == "drop" else "truncated (the start is kept)"
-        warnings.append(f"{stats.over} row(s) are longer than max_length={cfg.max_length} and were {action}; "
-                        "raise data.max_length to keep them whole.")
-    if stats.dropped_empty:
-        warnings.append(f"{stats.dropped_empty} row(s) had no response token within max_length and were dropped.")
-    if stats.straddles:
-        warnings.append(f"{stats.straddles} token(s) cross a prompt/response boundary; the template's markers "
-                        "merge with the text for this tokenizer, so those tokens were assigned by where they start.")
-    if stats.estimated:
-        warnings.append(f"{stats.estimated} row(s) are so long that they were tokenized only as far as max_length "
-                        "needs; their full lengths in these statistics are estimated from the part tokenized.")
-    if stats.unlabelled:
-        warnings.append(f"{stats.unlabelled} pre-tokenized row(s) have no labels: every token is trained. "
-                        "Add a labels column (-100 for prompt tokens) for loss on responses only.")
-    if stats.prompt_mismatches:
-        warnings.append(f"for {stats.prompt_mismatches} of {stats.prompts_checked} checked replies the inference "
-                        "prompt tokenizes differently from the training text before the reply (this tokenizer "
-                        "merges whitespace across the boundary); the strings are identical, the tokens are not.")
+    warnings = rep.warnings(stats, cfg)
     return {
         "template": {"name": template.name, "system_prompt": template.system_prompt},
         "max_length": cfg.max_length,
@@ -374,6 +376,7 @@ def _report(cfg, template, infos, train: TokenRows, evals: TokenRows, eval_from,
         "trained_tokens": trained,
         "boundary_straddles": stats.straddles,
         "prompt_token_check": {"checked": stats.prompts_checked, "mismatches": stats.prompt_mismatches},
+        "markers_in_text": {"rows": stats.marked, "shown": stats.marked_shown},
         "histogram": rep.histogram(stats.lengths["total"], cfg.max_length),
         "lengths": rep.sample_lengths(stats.lengths),
         "legend": rep.LEGEND,

@@ -98,6 +98,37 @@ def marked_text(runs: list[dict]) -> str:
     return "".join(r["text"] if r["trainable"] else f"{MASK_OPEN}{r['text']}{MASK_CLOSE}" for r in runs)
 
 
+def warnings(stats, cfg) -> list[str]:
+    """What the data report warns about, from prepare's counts (`stats`) and the data settings."""
+    warnings = []
+    if stats.over:
+        action = "dropped" if cfg.truncation == "drop" else "truncated (the start is kept)"
+        warnings.append(f"{stats.over} row(s) are longer than max_length={cfg.max_length} and were {action}; "
+                        "raise data.max_length to keep them whole.")
+    if stats.dropped_empty:
+        warnings.append(f"{stats.dropped_empty} row(s) had no response token within max_length and were dropped.")
+    if stats.straddles:
+        warnings.append(f"{stats.straddles} token(s) cross a prompt/response boundary; the template's markers "
+                        "merge with the text for this tokenizer, so those tokens were assigned by where they start.")
+    if stats.estimated:
+        warnings.append(f"{stats.estimated} row(s) are so long that they were tokenized only as far as max_length "
+                        "needs; their full lengths in these statistics are estimated from the part tokenized.")
+    if stats.unlabelled:
+        warnings.append(f"{stats.unlabelled} pre-tokenized row(s) have no labels: every token is trained. "
+                        "Add a labels column (-100 for prompt tokens) for loss on responses only.")
+    if stats.marked:
+        first = stats.marked_shown[0]
+        warnings.append(f"{stats.marked} row(s) hold the template's markers in their message text (first: "
+                        f"{first['where']}: {first['marker']!r}). Message text is tokenized as text, so a special "
+                        "token there (<|im_end|>, </s>) is not a turn boundary; a marker that is plain text "
+                        "([INST], ### HUMAN:) reads the same as the template's own.")
+    if stats.prompt_mismatches:
+        warnings.append(f"for {stats.prompt_mismatches} of {stats.prompts_checked} checked replies the inference "
+                        "prompt tokenizes differently from the training text before the reply (this tokenizer "
+                        "merges whitespace across the boundary); the strings are identical, the tokens are not.")
+    return warnings
+
+
 def write_data_report(prepared, run_dir) -> tuple[Path, Path]:
     """Write data_report.json and data_report.png (lengths next to max_length) into run_dir."""
     run_dir = Path(run_dir)

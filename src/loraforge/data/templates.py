@@ -5,11 +5,16 @@ prefix up to where the next assistant turn's trainable part starts: both come fr
 Contents are stripped of surrounding whitespace (as Meta's reference code does), so a parsed
 ready-formatted row re-renders canonically. The tokenizer's real BOS/EOS strings are used and the
 strings are meant to be tokenized with `add_special_tokens=False`.
+
+Message text is data, never markup: `rendered`/`rendered_prompt` say where it lies in the string, so
+that tokenization (data/tokenize.py) reads a `<|im_end|>` or `</s>` written in a message as text and
+only the template's own markers as special tokens (docs/architecture.md, "Markers in message text").
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 from loraforge.config import TEMPLATE_NAMES
@@ -33,6 +38,23 @@ _FORMAT_EXAMPLE = [
 class Segment:
     text: str
     trainable: bool
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation and where message text lies in it.
+
+    `content` holds the character spans of message text (and system prompt) in the joined string; it is
+    filled only when some message holds one of the tokenizer's control tokens (`ChatTemplate.control_tokens`),
+    the one case where it changes how the string is tokenized.
+    """
+
+    segments: list[Segment]
+    content: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
 
 
 def misplaced_turn(roles: list[str]) -> Optional[tuple[int, Optional[str]]]:
@@ -101,23 +123,54 @@ class ChatTemplate:
     # --- public API ----------------------------------------------------------------------------
     def render(self, messages: list[dict]) -> list[Segment]:
         """The full training string as segments; assistant replies (+ end of turn) are trainable."""
-        system, turns = self._prepare(messages)
-        return _merge([s for s in self._segments(system, turns) if s.text])
+        return self._render(messages, None)
 
     def text(self, messages: list[dict]) -> str:
         return "".join(s.text for s in self.render(messages))
 
     def prompt(self, messages: list[dict]) -> str:
         """The string to generate the next assistant turn from (messages must end with a user turn)."""
-        if not messages or messages[-1].get("role") != "user":
-            raise ValueError("prompt() needs messages ending with a user turn")
-        segs = self.render(list(messages) + [{"role": "assistant", "content": "x"}])
-        last = max(i for i, s in enumerate(segs) if s.trainable)
-        return "".join(s.text for s in segs[:last])
+        return self._prompt(messages, None)
 
-    def parse(self, text: str) -> Optional[list[dict]]:
-        """Messages from a ready-formatted string in this template, or None if it does not match."""
-        return None
+    def rendered(self, messages: list[dict]) -> Rendered:
+        """`render`, with the spans of message text that tokenization must keep as text."""
+        return self._locate_content(messages, lambda mark: self._render(messages, mark))
+
+    def rendered_prompt(self, messages: list[dict]) -> Rendered:
+        """`prompt` as one masked segment, with the spans of message text (see `rendered`)."""
+        return self._locate_content(messages, lambda mark: [Segment(self._prompt(messages, mark), False)])
+
+    def parse(self, text: str, literal: tuple[tuple[int, int], ...] = ()) -> Optional[list[dict]]:
+        """Messages from a ready-formatted string in this template, or None if it does not match.
+
+        `literal`: character spans known to be message text (decoded from text tokens, not control tokens):
+        a marker inside them is text, never a turn boundary. Elsewhere markers are read by the template's
+        rules (see each `_parse`).
+        """
+        if not literal:
+            return self._parse(text)
+        escaped, restore = _escape_spans(text, literal)
+        messages = self._parse(escaped)
+        if messages is None:
+            return None
+        return [{**m, "content": restore(m["content"])} for m in messages]
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's tokens that act as structure: its special tokens and any other added token the
+        template writes (longest first). In message text they are tokenized as text."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        markup = self.text(_FORMAT_EXAMPLE)
+        found = {t.content for t in added.values()
+                 if t.content and (t.special or (t.content in markup and not t.content.isspace()))}
+        return tuple(sorted(found, key=lambda t: (-len(t), t)))
+
+    @cached_property
+    def markers(self) -> tuple[str, ...]:
+        """What counts as this template's markup when found in message text: its turn and end markers,
+        BOS/EOS (both spellings) and the tokenizer's control tokens."""
+        own = (*self.turn_markers, *self.stop_markers, *self._bos_forms, *self._eos_forms, *self.control_tokens)
+        return tuple(m for m in dict.fromkeys(x.strip() for x in own) if m)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -145,8 +198,25 @@ class ChatTemplate:
         return self.record()
 
     # --- helpers -------------------------------------------------------------------------------
-    def _prepare(self, messages: list[dict]) -> tuple[Optional[str], list[tuple[str, str]]]:
+    def _render(self, messages: list[dict], mark: Optional[str]) -> list[Segment]:
+        system, turns = self._prepare(messages, mark)
+        return _merge([s for s in self._segments(system, turns) if s.text])
+
+    def _prompt(self, messages: list[dict], mark: Optional[str]) -> str:
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("prompt() needs messages ending with a user turn")
+        segs = self._render(list(messages) + [{"role": "assistant", "content": "x"}], mark)
+        last = max(i for i, s in enumerate(segs) if s.trainable)
+        return "".join(s.text for s in segs[:last])
+
+    def _parse(self, text: str) -> Optional[list[dict]]:
+        return None
+
+    def _prepare(self, messages: list[dict], mark: Optional[str] = None):
+        """(system, [(role, content)]) with contents stripped; `mark`, two characters (open, close), wraps every
+        message text and the system prompt, so that `_locate_content` can find them in the rendered string."""
         check_messages(messages)
+        wrap = (lambda text: f"{mark[0]}{text}{mark[1]}") if mark else (lambda text: text)
         system = None
         turns = []
         for m in messages:
@@ -154,10 +224,31 @@ class ChatTemplate:
             if m["role"] == "system":
                 system = content or None
             else:
-                turns.append((m["role"], content))
+                turns.append((m["role"], wrap(content)))
         if system is None:
             system = self.system_prompt
-        return system, turns
+        return (wrap(system) if system else system), turns
+
+    def _locate_content(self, messages: list[dict], render) -> Rendered:
+        """Render plainly and, where some message text holds a control token, once more with every text
+        wrapped in two private-use characters it does not contain, to find the spans of message text.
+
+        Templates that only concatenate (all but `tokenizer`) render the same string both ways; a Jinja
+        template that rewrites message text may not, and then its markup cannot be told from the text."""
+        plain = render(None)
+        texts = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        texts += [self.system_prompt] if self.system_prompt else []
+        if not any(token in t for t in texts for token in self.control_tokens):
+            return Rendered(plain)
+        mark = _free_characters("".join(texts + [s.text for s in plain]), 2)
+        located = _unmark(render(mark), mark)
+        if located is None or "".join(s.text for s in located[0]) != "".join(s.text for s in plain):
+            raise UserError(
+                f"the '{self.name}' template changes message text as it renders it, so loraforge cannot tell "
+                "its markers from a marker written in a message (one holds a special token such as "
+                f"{next(t for t in self.control_tokens if any(t in x for x in texts))!r}). "
+                "Pick an explicit data.template.")
+        return Rendered(plain, located[1])
 
     def _segments(self, system, turns):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -198,6 +289,54 @@ def _merge(segs: list[Segment]) -> list[Segment]:
     return out
 
 
+def _free_characters(text: str, n: int, start: int = 0x10FF00) -> str:
+    """`n` private-use characters (plane 16) that do not occur in `text`."""
+    free = (chr(c) for c in range(start, 0x10FFFE) if chr(c) not in text)
+    return "".join(next(free) for _ in range(n))
+
+
+def _unmark(segments: list[Segment], mark: str):
+    """Segments rendered with marked message texts -> (plain segments, spans of the texts), or None when the
+    marks do not pair up."""
+    opening, closing = mark
+    out, spans, pos, start = [], [], 0, None
+    for seg in segments:
+        kept = []
+        for piece in re.split(f"([{re.escape(mark)}])", seg.text):
+            if piece == opening:
+                if start is not None:
+                    return None
+                start = pos
+            elif piece == closing:
+                if start is None:
+                    return None
+                if pos > start:
+                    spans.append((start, pos))
+                start = None
+            else:
+                kept.append(piece)
+                pos += len(piece)
+        out.append(Segment("".join(kept), seg.trainable))
+    if start is not None:
+        return None
+    return _merge([s for s in out if s.text]), tuple(spans)
+
+
+def _escape_spans(text: str, spans):
+    """Each span's text replaced by one private-use character (a marker there cannot match), and the
+    function that puts the texts back."""
+    spans = sorted(spans)
+    keys = _free_characters(text, len(spans), start=0x100000)
+    parts, originals, pos = [], {}, 0
+    for key, (a, b) in zip(keys, spans):
+        parts += [text[pos:a], key]
+        originals[key] = text[a:b]
+        pos = b
+    parts.append(text[pos:])
+    pattern = re.compile("|".join(map(re.escape, originals)) or "(?!)")
+    return "".join(parts), lambda s: pattern.sub(lambda m: originals[m.group(0)], s)
+
+
 def _msgs(system, pairs) -> list[dict]:
     out = [{"role": "system", "content": system}] if system else []
     for u, a in pairs:
@@ -225,29 +364,50 @@ class Llama2Template(ChatTemplate):
             else:
                 yield Segment(f" {content} {self.eos}", True)
 
-    def parse(self, text):
+    def _parse(self, text):
+        """Turns by Meta's markers, which are plain text here as in a message, read by one rule:
+
+        - a question ends at the first `[/INST]` after its `[INST]` (a `[/INST]` written in a question
+          cannot be told from the end of the question);
+        - a reply ends at the first EOS that the next turn (`<s>`/`[INST]`) or the end of the text follows;
+          an EOS followed by anything else is text of the reply. A reply without an EOS ends at the next
+          `[INST]` that a `[/INST]` still follows, or at the end of the text.
+        """
         bos, eos = self._alt(self._bos_forms), self._alt(self._eos_forms)
-        pattern = re.compile(
-            rf"\s*(?:{bos})?\s*\[INST\](?P<u>.*?)\[/INST\](?P<a>(?:(?!\[INST\]).)*?)"
-            rf"\s*(?:{eos}|(?=(?:{bos})?\s*\[INST\])|\Z)",
-            re.S,
-        )
+        turn_start = re.compile(rf"\s*(?:{bos})?\s*\[INST\]", re.S)
+        ends = re.compile(rf"(?P<eos>{eos})|(?P<turn>(?:{bos})?\s*\[INST\])", re.S)
+        blank_to_end = re.compile(r"\s*\Z")
+        last_close = text.rfind("[/INST]")  # a turn start with no [/INST] after it starts no turn
         pos, pairs, system = 0, [], None
-        while pos < len(text):
-            if not text[pos:].strip():
-                break
-            m = pattern.match(text, pos)
-            if not m or m.end() == pos:
+        while not blank_to_end.match(text, pos):
+            m = turn_start.match(text, pos)
+            close = text.find("[/INST]", m.end()) if m else -1
+            if close < 0:
                 return None
-            user = m.group("u").strip()
+            user, body = text[m.end():close].strip(), close + len("[/INST]")
             if not pairs:
                 sm = re.match(r"<<SYS>>(.*?)<</SYS>>(.*)", user, re.S)
                 if sm:
                     system, user = sm.group(1).strip() or None, sm.group(2).strip()
             if "<<SYS>>" in user:
                 return None
-            pairs.append((user, m.group("a").strip()))
-            pos = m.end()
+            reply_end = next_pos = None
+            eos_in_reply = False
+            for end in ends.finditer(text, body):
+                if end.group("eos") is not None:
+                    if blank_to_end.match(text, end.end()) or turn_start.match(text, end.end()):
+                        reply_end, next_pos = end.start(), end.end()
+                        break
+                    eos_in_reply = True
+                elif end.end() <= last_close and not eos_in_reply:
+                    reply_end = next_pos = end.start()
+                    break
+            if reply_end is None:
+                if eos_in_reply:
+                    return None  # an EOS inside a reply that does not end with one: not this format
+                reply_end = next_pos = len(text)
+            pairs.append((user, text[body:reply_end].strip()))
+            pos = next_pos
         if not pairs:
             return None
         if not pairs[-1][1]:  # a prompt without a reply: keep the user turn only
@@ -279,7 +439,10 @@ class _HeaderTemplate(ChatTemplate):
     def _split_user(self, chunk: str) -> str:
         return chunk.strip()
 
-    def parse(self, text):
+    def _parse(self, text):
+        """A question ends at the first assistant header after its user header (a later one is text of the
+        reply); a reply runs to the next user header, which always starts a turn (the headers are plain
+        text: one written in a reply cannot be told from the next turn)."""
         body = self._starts_with_bos(text)
         uh, ah = self.user_header.strip(), self.assistant_header.strip()
         if uh not in body:
@@ -290,14 +453,12 @@ class _HeaderTemplate(ChatTemplate):
             system = None  # the template's own preamble (Alpaca's has two variants)
         pairs = []
         for i, chunk in enumerate(chunks):
-            if chunk.count(ah) > 1:
-                return None
             if ah not in chunk:
                 if i != len(chunks) - 1:
                     return None
                 pairs.append((self._split_user(chunk), None))
                 continue
-            user, reply = chunk.split(ah)
+            user, reply = chunk.split(ah, 1)
             reply = self._strip_eos(reply)
             pairs.append((self._split_user(user), reply if reply else None))
             if not reply and i != len(chunks) - 1:
@@ -361,27 +522,28 @@ class _HeaderTokenTemplate(ChatTemplate):
         """A tokenizer whose BOS is the turn start itself (SmolLM2's is `<|im_start|>`) gets no extra one."""
         return bool(self.bos) and self.start("user").startswith(self.bos)
 
-    def parse(self, text):
+    def _parse(self, text):
+        """A turn's text ends at the first end marker (with the EOS that may follow it) after which the text
+        ends or the next turn starts; an end marker followed by anything else is text of the turn."""
         body = text.lstrip() if self._bos_starts_turns else self._starts_with_bos(text)
         starts = {r: self.start(r) for r in ROLES}
         if starts["user"] not in body:
             return None
+        start_pat = re.compile("|".join(re.escape(s) for s in starts.values()))
+        next_turn_or_end = re.compile(rf"\s*(?:{start_pat.pattern}|\Z)")
+        eos = "|".join(re.escape(e) for e in self._eos_forms if e != self.end_marker)
+        end_pat = re.compile(re.escape(self.end_marker) + (f"(?:{eos})?" if eos else ""))
         out, pos = [], 0
-        pat = re.compile("|".join(re.escape(s) for s in starts.values()))
         while True:
-            m = pat.search(body, pos)
+            m = start_pat.search(body, pos)
             if not m:
                 break
             if body[pos:m.start()].strip():
                 return None
             role = next(r for r, s in starts.items() if s == m.group(0))
-            end = body.find(self.end_marker, m.end())
-            content = body[m.end(): end if end >= 0 else len(body)]
-            pos = len(body) if end < 0 else end + len(self.end_marker)
-            for eos in self._eos_forms:
-                if eos != self.end_marker and body.startswith(eos, pos):
-                    pos += len(eos)
-                    break
+            end = next((e for e in end_pat.finditer(body, m.end()) if next_turn_or_end.match(body, e.end())), None)
+            content = body[m.end(): end.start() if end else len(body)]
+            pos = end.end() if end else len(body)
             out.append({"role": role, "content": content.strip()})
         if body[pos:].strip():
             return None
@@ -453,22 +615,22 @@ class TokenizerTemplate(ChatTemplate):
         if pos < len(full):
             yield Segment(full[pos:], False)
 
-    def prompt(self, messages):
+    def _prompt(self, messages, mark):
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("prompt() needs messages ending with a user turn")
-        system, turns = self._prepare(messages)
+        system, turns = self._prepare(messages, mark)
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": r, "content": c} for r, c in turns
         ]
         return self._apply(msgs, gen=True)
 
-    def parse(self, text):
+    def _parse(self, text):
         """Parsed as the explicit template that renders exactly like this one (ChatML for SmolLM2), if any."""
         mine = self._apply(_FORMAT_EXAMPLE, gen=False).rstrip()
         for name in ("chatml", "llama3", "llama2"):
             twin = _TEMPLATES[name](self.tokenizer, self.system_prompt)
             if twin.text(_FORMAT_EXAMPLE).rstrip() == mine:
-                return twin.parse(text)
+                return twin._parse(text)
         return None
 
     @property

@@ -2,16 +2,19 @@
 
 The whole training string is tokenized at once (add_special_tokens=False: BOS/EOS come from the
 template text), so the ids are exactly what the model sees and what the inference prompt tokenizes
-to. A token is trainable when it *starts* inside a trainable segment; for Llama's SentencePiece the
-token `▁answer` starts at the space after `[/INST]`, which belongs to the response segment.
+to (`encode_prompt`, the one way prompts are tokenized). A token is trainable when it *starts* inside
+a trainable segment; for Llama's SentencePiece the token `▁answer` starts at the space after
+`[/INST]`, which belongs to the response segment. Message text is tokenized as text even where it
+holds a control token such as `</s>` (data/control_tokens.py).
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from loraforge.data.templates import Segment
+from loraforge.data.control_tokens import encode_text, forged
+from loraforge.data.templates import ChatTemplate, Rendered, Segment
 
 IGNORE = -100
 
@@ -37,19 +40,33 @@ def _spans(segments: list[Segment]) -> tuple[str, list[int], list[bool]]:
     return "".join(text), bounds, flags
 
 
-def encode_batch(items: list[list[Segment]], tokenizer, train_all: bool) -> list[Encoded]:
-    """Tokenize many segment lists at once."""
+def encode_prompt(template: ChatTemplate, messages: list[dict]) -> list[int]:
+    """The token ids of the prompt for the next assistant turn, exactly as training tokenized that prefix:
+    message text as text, the template's markers as its tokens. Everything that generates uses this."""
+    rendered = template.rendered_prompt(messages)
+    return encode_text(rendered.text, rendered.content, template.tokenizer, template.control_tokens)[0]
+
+
+def encode_batch(items: list[Union[Rendered, list[Segment]]], tokenizer, train_all: bool,
+                 controls: tuple[str, ...] = ()) -> list[Encoded]:
+    """Tokenize many rendered rows at once. A `Rendered` row's message text stays text (`controls`: the
+    template's control tokens); a bare segment list is all markup (a ready-formatted `text` row)."""
     if not items:
         return []
-    prepared = [_spans(segs) for segs in items]
+    items = [r if isinstance(r, Rendered) else Rendered(list(r)) for r in items]
+    prepared = [_spans(r.segments) for r in items]
     texts = [p[0] for p in prepared]
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         all_ids, all_offsets = enc["input_ids"], enc["offset_mapping"]
+        for k, (text, r) in enumerate(zip(texts, items)):
+            if forged(text, r.content, controls):  # the rare row whose message text holds a control token
+                all_ids[k], all_offsets[k] = encode_text(text, r.content, tokenizer, controls)
     else:
         all_ids, all_offsets = [], []
-        for text, bounds, _ in prepared:
-            ids, offs = _encode_slow(text, bounds, tokenizer)
+        for (text, bounds, _), r in zip(prepared, items):
+            ids, offs = _encode_slow(text, bounds, lambda s, c=r.content: encode_text(
+                s, _clip(c, len(s)), tokenizer, controls)[0])
             all_ids.append(ids)
             all_offsets.append(offs)
     out = []
@@ -66,13 +83,17 @@ def encode_batch(items: list[list[Segment]], tokenizer, train_all: bool) -> list
     return out
 
 
-def _encode_slow(text: str, bounds: list[int], tokenizer):
+def _clip(spans, length: int):
+    return tuple((a, min(b, length)) for a, b in spans if a < length)
+
+
+def _encode_slow(text: str, bounds: list[int], encode):
     """No offsets: tokenize the prefix up to each boundary and use the token counts."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = encode(text)
     offsets, prev_n = [], 0
     cuts = bounds[1:] + [len(text)]
     for start, cut in zip(bounds, cuts):
-        n = len(tokenizer.encode(text[:cut], add_special_tokens=False)) if cut < len(text) else len(ids)
+        n = len(encode(text[:cut])) if cut < len(text) else len(ids)
         offsets.extend([(start, cut)] * max(n - prev_n, 0))
         prev_n = max(n, prev_n)
     return ids, offsets[: len(ids)] + [(len(text), len(text))] * (len(ids) - len(offsets))
@@ -106,40 +127,44 @@ def head_chars(max_length: int) -> int:
     return HEAD_CHARS_PER_TOKEN * (max_length + 1)
 
 
-def encode_rows(items: list[list[Segment]], tokenizer, train_all: bool, max_length: int) -> list[Encoded]:
+def encode_rows(items: list[Union[Rendered, list[Segment]]], tokenizer, train_all: bool, max_length: int,
+                controls: tuple[str, ...] = ()) -> list[Encoded]:
     """`encode_batch`, except that a row too long to matter whole keeps only its first max_length + 1
     tokens (exactly those whole tokenization gives; one more than max_length says it is longer) and an
     estimate of its full length (`Encoded.estimate`). Memory then follows max_length, not the row."""
+    items = [r if isinstance(r, Rendered) else Rendered(list(r)) for r in items]
     limit = 2 * head_chars(max_length)
-    whole = [k for k, segs in enumerate(items) if sum(len(s.text) for s in segs) <= limit]
+    whole = [k for k, r in enumerate(items) if sum(len(s.text) for s in r.segments) <= limit]
     out: list[Optional[Encoded]] = [None] * len(items)
-    for k, enc in zip(whole, encode_batch([items[k] for k in whole], tokenizer, train_all)):
+    for k, enc in zip(whole, encode_batch([items[k] for k in whole], tokenizer, train_all, controls)):
         out[k] = enc
-    for k, segs in enumerate(items):
+    for k, r in enumerate(items):
         if out[k] is None:
-            out[k] = encode_head(segs, tokenizer, train_all, max_length)
+            out[k] = encode_head(r, tokenizer, train_all, max_length, controls)
     return out
 
 
-def _prefix(segments: list[Segment], chars: int) -> list[Segment]:
+def _prefix(rendered: Rendered, chars: int) -> Rendered:
     out, pos = [], 0
-    for s in segments:
+    for s in rendered.segments:
         if pos >= chars:
             break
         out.append(s if pos + len(s.text) <= chars else Segment(s.text[:chars - pos], s.trainable))
         pos += len(s.text)
-    return out
+    return Rendered(out, _clip(rendered.content, chars))
 
 
-def encode_head(segments: list[Segment], tokenizer, train_all: bool, max_length: int) -> Encoded:
+def encode_head(rendered: Rendered, tokenizer, train_all: bool, max_length: int,
+                controls: tuple[str, ...] = ()) -> Encoded:
     """The first max_length + 1 tokens of the row, from prefixes that double until two agree on them."""
+    segments = rendered.segments
     total = sum(len(s.text) for s in segments)
     want = max_length + 1
     chars = head_chars(max_length)
-    (enc,) = encode_batch([_prefix(segments, chars)], tokenizer, train_all)
+    (enc,) = encode_batch([_prefix(rendered, chars)], tokenizer, train_all, controls)
     while chars < total:
         longer = min(2 * chars, total)
-        (nxt,) = encode_batch([_prefix(segments, longer)], tokenizer, train_all)
+        (nxt,) = encode_batch([_prefix(rendered, longer)], tokenizer, train_all, controls)
         if (len(enc.input_ids) >= want and enc.input_ids[:want] == nxt.input_ids[:want]
                 and enc.labels[:want] == nxt.labels[:want] and enc.offsets[:want] == nxt.offsets[:want]):
             break

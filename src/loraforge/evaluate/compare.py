@@ -68,39 +68,47 @@ def _last_response_span(labels: list[int]) -> Optional[tuple[int, int]]:
 
 
 def prompt_and_reference(row: dict, tokenizer, template) -> Optional[dict]:
-    """The conversation up to the last reply, the prompt string, and the reply, recovered from a row.
+    """The conversation up to the last reply, the prompt (string and token ids), and the reply, recovered
+    from a row.
 
-    The row's text is parsed back with the template (giving the exact training prompt); failing
-    that, the last run of trained labels is the reply. None when neither works (e.g. `tokens` rows
+    The row's text is parsed back with the template (giving the exact training prompt), reading a marker
+    that came from text tokens as message text; failing that, the last run of trained labels is the reply,
+    and the tokens before it are the prompt as they are. None when neither works (e.g. `tokens` rows
     trained on every token).
     """
+    from loraforge.data.control_tokens import decode_with_literals
+    from loraforge.data.tokenize import encode_prompt
+    from loraforge.infer.generate import text_stops
+
     ids = list(row["input_ids"])
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    messages = template.parse(text)
+    span = _last_response_span(row["labels"])
+    text, literal = decode_with_literals(ids, tokenizer, template.control_tokens)
+    messages = template.parse(text, literal)
     if messages and messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
         context = messages[:-1]
         try:
-            prompt = template.prompt(context)
+            p_ids = encode_prompt(template, context)
         except ValueError:
-            prompt = None
-        if prompt is not None:
-            p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            if ids[:len(p_ids)] == p_ids:  # the canonical prompt is what training saw
-                return {"messages": context, "prompt": prompt, "reference": messages[-1]["content"].strip()}
-    span = _last_response_span(row["labels"])
+            p_ids = None
+        # The canonical prompt is what training saw, up to where the trained reply starts (a marker written
+        # in a question can make a parse end the question early: the labels know better).
+        if p_ids is not None and ids[:len(p_ids)] == p_ids and (span is None or span[0] in (0, len(p_ids))):
+            return {"messages": context, "prompt": template.prompt(context), "prompt_ids": p_ids,
+                    "reference": messages[-1]["content"].strip()}
     if span is None or span[0] == 0:
         return None
     prompt = tokenizer.decode(ids[:span[0]], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     reference = tokenizer.decode(ids[span[0]:span[1]], skip_special_tokens=True)
-    for stop in template.stop_strings:
-        if stop and stop in reference:
+    for stop in text_stops(tokenizer, template.stop_strings):  # a control token was skipped in the decoding
+        if stop in reference:
             reference = reference[:reference.index(stop)]
     reference = reference.strip()
     if not reference:
         return None
-    parsed = template.parse(prompt)
+    prompt_text, prompt_literal = decode_with_literals(ids[:span[0]], tokenizer, template.control_tokens)
+    parsed = template.parse(prompt_text, prompt_literal)
     context = parsed if parsed and parsed[-1]["role"] == "user" else [{"role": "user", "content": prompt}]
-    return {"messages": context, "prompt": prompt, "reference": reference}
+    return {"messages": context, "prompt": prompt, "prompt_ids": ids[:span[0]], "reference": reference}
 
 
 def _question(messages: list[dict]) -> str:
@@ -131,7 +139,7 @@ def generate_both(model, tokenizer, examples: list[dict], template, max_new_toke
               batch_size=batch_size)
     out: list[tuple[str, str]] = []
     for start in range(0, len(examples), batch_size):
-        prompts = [ex["prompt"] for ex in examples[start:start + batch_size]]
+        prompts = [ex.get("prompt_ids", ex["prompt"]) for ex in examples[start:start + batch_size]]
         with model.disable_adapter():
             base = generate_replies(model, tokenizer, prompts, **kw)
         out += zip(base, generate_replies(model, tokenizer, prompts, **kw))

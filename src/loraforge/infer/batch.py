@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loraforge.data.templates import check_messages
+from loraforge.data.tokenize import encode_prompt
 from loraforge.errors import UserError
 from loraforge.infer.generate import Sampling, check_fits, generate_reply, reply_stop_strings
 
@@ -70,7 +71,7 @@ def answer_rows(session, rows: list[dict], sampling: Sampling) -> Iterator[dict]
 
     Every prompt is checked to fit the context first, so a long row fails the batch before any work."""
     stops = reply_stop_strings(session.template)
-    prompts = [session.template.prompt(conversation(row)) for row in rows]
+    prompts = [encode_prompt(session.template, conversation(row)) for row in rows]
     for number, prompt in enumerate(prompts, 1):
         check_fits(session.model, session.tokenizer, prompt, sampling.max_new_tokens, f"prompt {number} of {len(rows)}")
     for row, prompt in zip(rows, prompts):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
+from loraforge.data.tokenize import encode_prompt
 from loraforge.errors import UserError
 from loraforge.infer.generate import Sampling, check_fits, context_length, generate_reply, reply_stop_strings
 
@@ -24,20 +25,24 @@ class Chat:
     def prompt_for(self, user_text: str) -> tuple[str, int]:
         """The prompt for the next reply, and how many of the oldest exchanges were left out so that it
         fits the context with room for the reply."""
-        template, tokenizer = self.session.template, self.session.tokenizer
+        history, _, dropped = self.fit(user_text)
+        return self.session.template.prompt(history), dropped
+
+    def fit(self, user_text: str) -> tuple[list[dict], list[int], int]:
+        """The conversation to answer, its prompt's token ids and how many of the oldest exchanges were left
+        out so that it fits the context with room for the reply."""
         history = self.history + [{"role": "user", "content": user_text}]
         limit = context_length(self.session.model)
         dropped = 0
         while True:
-            prompt = template.prompt(history)
-            n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-            if not limit or n_tokens + self.sampling.max_new_tokens <= limit or len(history) == 1:
-                return prompt, dropped
+            ids = encode_prompt(self.session.template, history)
+            if not limit or len(ids) + self.sampling.max_new_tokens <= limit or len(history) == 1:
+                return history, ids, dropped
             history = history[2:]
             dropped += 1
 
     def ask(self, user_text: str, on_text: Optional[Callable[[str], None]] = None) -> str:
-        prompt, dropped = self.prompt_for(user_text)
+        _, prompt, dropped = self.fit(user_text)
         check_fits(self.session.model, self.session.tokenizer, prompt, self.sampling.max_new_tokens, "this message")
         reply = generate_reply(self.session.model, self.session.tokenizer, prompt, on_text=on_text,
                                stop_strings=reply_stop_strings(self.session.template), **self.sampling.as_kwargs())

@@ -1,15 +1,24 @@
-"""Generate a reply for a prompt string rendered by the training template, streamed or not, cut before
-any template marker."""
+"""Generate a reply for a prompt rendered by the training template, streamed or not, cut before any template
+marker.
+
+Prompts are token ids from `data.tokenize.encode_prompt` (message text tokenized as text); a string is
+tokenized as it stands, all of it markup. A reply ends at the template's end-of-turn and turn-start tokens
+(and EOS) by id; a marker is matched in the decoded text only where it is plain text in this tokenizer
+(`[INST]`, `### HUMAN:`), so an answer that writes `</s>` or `<|im_end|>` as text goes on.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from loraforge.errors import UserError
+
+Prompt = Union[str, list[int]]  # token ids (encode_prompt), or a string that is all markup
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -40,9 +49,11 @@ class ReplyStream(BaseStreamer):
     then drops the space that follows) and prints template markers.
     """
 
-    def __init__(self, tokenizer, stop_strings=(), on_text: Optional[Callable[[str], None]] = None):
+    def __init__(self, tokenizer, stop_strings=(), on_text: Optional[Callable[[str], None]] = None,
+                 stop_ids=()):
         self.tokenizer = tokenizer
         self.stops = [s for s in stop_strings if s]
+        self.stop_ids = set(stop_ids)  # a control token that ends the reply (not shown, nor what follows)
         self.on_text = on_text
         self.ids: list[int] = []
         self.text = ""
@@ -56,8 +67,11 @@ class ReplyStream(BaseStreamer):
             return
         if self.stopped:
             return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._update(final=False)
+        new = value.reshape(-1).tolist()
+        end = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        self.ids.extend(new if end is None else new[:end])
+        self._update(final=end is not None)
+        self.stopped = self.stopped or end is not None
 
     def end(self) -> None:
         self._update(final=True)
@@ -116,21 +130,32 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
     return list(dict.fromkeys(eos + single_token_ids(tokenizer, stop_strings)))
 
 
+def text_stops(tokenizer, stop_strings) -> tuple[str, ...]:
+    """The stop strings matched in the decoded reply: those that are not one of the tokenizer's added
+    (control) tokens. A control token ends the reply by its id; written as text it is part of the answer."""
+    added = set(getattr(tokenizer, "added_tokens_encoder", None) or ())
+    return tuple(s for s in stop_strings if s and s not in added)
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    return list(prompt) if not isinstance(prompt, str) else tokenizer(prompt, add_special_tokens=False).input_ids
+
+
 def context_length(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def check_fits(model, tokenizer, prompt: str, max_new_tokens: int, what: str = "the prompt") -> None:
+def check_fits(model, tokenizer, prompt: Prompt, max_new_tokens: int, what: str = "the prompt") -> None:
     """Refuse a prompt that leaves no room for `max_new_tokens` in the model's context."""
     limit = context_length(model)
-    n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    n_tokens = len(prompt_ids(tokenizer, prompt))
     if limit and n_tokens + max_new_tokens > limit:
         raise UserError(f"{what} is {n_tokens} tokens and {max_new_tokens} new tokens were asked for, but the "
                         f"model's context is {limit} tokens; shorten it or lower --max-new-tokens")
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+def generate_reply(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0,
                    top_p: float = 1.0, stop_strings: tuple[str, ...] = (), seed: Optional[int] = None,
                    on_text: Optional[Callable[[str], None]] = None) -> str:
     """The model's continuation of `prompt`, ended by EOS or a stop string, without either.
@@ -139,7 +164,7 @@ def generate_reply(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, t
     reply piece by piece as it is generated (what it receives joins up to the returned reply).
     """
     device = next(p for p in model.parameters()).device
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
     if temperature > 0:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p)
         if seed is not None:
@@ -148,12 +173,13 @@ def generate_reply(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, t
             set_seed(seed)
     else:
         sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    stream = ReplyStream(tokenizer, stop_strings, on_text)
+    stop_ids = stop_token_ids(tokenizer, stop_strings)
+    stream = ReplyStream(tokenizer, text_stops(tokenizer, stop_strings), on_text, stop_ids)
     was_training = model.training
     model.eval()
     try:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                       eos_token_id=stop_token_ids(tokenizer, stop_strings), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
                        use_cache=True, streamer=stream, stopping_criteria=StoppingCriteriaList([_StopWhenDone(stream)]),
                        **sampling)
     finally:
@@ -176,16 +202,15 @@ class _RowsStopped(StoppingCriteria):
 def _reply_text(tokenizer, new_ids: list[int], stop_ids: set[int], stop_strings) -> str:
     """What ReplyStream returns for these new tokens, up to EOS (or a one-token stop): after it, a finished
     row of the batch holds only padding."""
-    end = next((i for i, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
-    stream = ReplyStream(tokenizer, stop_strings)
+    stream = ReplyStream(tokenizer, stop_strings, stop_ids=stop_ids)
     stream.prompt_skipped = True
-    stream.put(torch.tensor(new_ids[:end], dtype=torch.long))
+    stream.put(torch.tensor(new_ids, dtype=torch.long))
     stream.end()
     return stream.reply
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
+def generate_replies(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int = 64,
                      stop_strings: tuple[str, ...] = (), batch_size: int = 8) -> list[str]:
     """Greedy replies to many prompts, `batch_size` at a time: each the reply `generate_reply` gives it.
 
@@ -194,13 +219,14 @@ def generate_replies(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     """
     device = next(p for p in model.parameters()).device
     stop_ids = stop_token_ids(tokenizer, stop_strings)
+    stop_strings = text_stops(tokenizer, stop_strings)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     was_training = model.training
     model.eval()
     replies: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start:start + batch_size]]
+            rows = [prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
             width = max(len(r) for r in rows)
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

@@ -123,7 +123,8 @@ DATA_KEYS = (("rows.train", "training rows"), ("rows.eval", "eval rows"), ("rows
              ("truncation", "truncation"), ("over_max_length", "rows over max_length"), ("truncated", "truncated"),
              ("dropped_too_long", "dropped (too long)"), ("dropped_no_trainable", "dropped (nothing to train)"),
              ("train_tokens", "training tokens"), ("trained_tokens", "trained tokens"),
-             ("trainable_share", "trained share of tokens"), ("boundary_straddles", "boundary-straddling tokens"))
+             ("trainable_share", "trained share of tokens"), ("boundary_straddles", "boundary-straddling tokens"),
+             ("markers_in_text.rows", "rows with template markers in message text"))
 
 
 def data_section(report: Optional[dict], run_dir: Path, max_length: Optional[int]) -> str:
