@@ -154,22 +154,26 @@ class LoRAProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, projs, group, *lora_params):
+    def forward(ctx, x, projs, group, skip_output, *lora_params):
         dtype = x.dtype
         ctx.projs, ctx.group = projs, group
         with_lora = [p for p in projs if p.lora_A is not None]
-        t, masks = _lora_down(x, with_lora, dtype)
+        t, masks = _lora_down(x, with_lora, dtype)  # drawn also when skipped: the same masks as the forward's
         ctx.has_mask = [m is not None for m in masks]
         if group is not None:
+            b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
+            ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
+            if skip_output:
+                return unread(x, sum(p.out_features for p in projs))
             w = group.dense(dtype)
             y = x @ w.t()
             del w
-            b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
             if with_lora:
                 y.addmm_(t, b_blk.t())
-            ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
             return y
         ctx.save_for_backward(x, t, None, *[m for m in masks if m is not None])
+        if skip_output:
+            return tuple(unread(x, p.out_features) for p in projs)
         outs, r0 = [], 0
         for p in projs:
             w = dense_weight(p.base, dtype)
@@ -199,7 +203,7 @@ class LoRAProjections(torch.autograd.Function):
                 dx = dy @ w
                 del w
             if not with_lora:
-                return (dx, None, None)
+                return (dx, None, None, None)
             dt = dy @ b_blk  # d(dropout(x) A^T) with the scales, (tokens, sum r)
             dB_full = dy.t() @ t  # (sum out, sum r): the diagonal blocks are the LoRA B gradients / scale
             dBs, o, r0 = [], 0, 0
@@ -227,21 +231,27 @@ class LoRAProjections(torch.autograd.Function):
                     dts.append((dy @ p.lora_B.to(dtype)).mul_(p.scale))  # d(dropout(x) A^T), (tokens, r)
                     r0 += r
             if not with_lora:
-                return (dx, None, None)
+                return (dx, None, None, None)
             dt = torch.cat(dts, dim=1) if len(dts) > 1 else dts[0]
         dAs, dx = _lora_up_grads(x, dt, with_lora, masks, dx)
         flat = [g for dA, dB in zip(dAs, dBs) for g in (dA, dB)]
-        return (dx, None, None, *flat)
+        return (dx, None, None, None, *flat)
 
 
-def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None):
+def unread(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A stand-in output nobody reads (zeros, no memory): in a checkpoint's recompute the block's last
+    projection is only back-propagated through, and its backward needs its input, not its output."""
+    return x.new_zeros(()).expand(x.shape[0], out_features)
+
+
+def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None, skip_output=False):
     """The projections' outputs, one per module (split views when they share a QuantGroup)."""
     projs = [projection(m) for m in modules]
     params = [t for p in projs if p.lora_A is not None for t in (p.lora_A, p.lora_B)]
     if group is not None and group.matches([p.base for p in projs]):
-        y = LoRAProjections.apply(x, projs, group, *params)
+        y = LoRAProjections.apply(x, projs, group, skip_output, *params)
         return y.split([p.out_features for p in projs], dim=1)
-    return LoRAProjections.apply(x, projs, None, *params)
+    return LoRAProjections.apply(x, projs, None, skip_output, *params)
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -253,22 +263,28 @@ class SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, u, proj: Projection, liger, *lora_params):
+    def forward(ctx, g, u, proj: Projection, liger, skip_output, *lora_params):
         dtype = g.dtype
+        ctx.proj, ctx.liger = proj, liger
+        if skip_output and proj.lora_A is None:
+            ctx.save_for_backward(g, u, None, None)
+            return unread(g, proj.out_features)
         act = silu_mul_value(g, u, liger)
-        w = dense_weight(proj.base, dtype)
-        y = act @ w.t()
-        del w
+        y = None
+        if not skip_output:
+            w = dense_weight(proj.base, dtype)
+            y = act @ w.t()
+            del w
         t = mask = None
         if proj.lora_A is not None:
             xd, mask = dropped(act, proj.dropout)
             t = xd @ proj.lora_A.to(dtype).t()
             del xd
-            y.addmm_(t, proj.lora_B.to(dtype).t(), alpha=proj.scale)
+            if y is not None:
+                y.addmm_(t, proj.lora_B.to(dtype).t(), alpha=proj.scale)
         del act
         ctx.save_for_backward(g, u, t, mask)
-        ctx.proj, ctx.liger = proj, liger
-        return y
+        return y if y is not None else unread(g, proj.out_features)
 
     @staticmethod
     def backward(ctx, dy):
@@ -292,10 +308,10 @@ class SwiGLUDown(torch.autograd.Function):
             else:
                 d_act.add_((dt @ p.lora_A.to(dtype)).mul_(mask), alpha=1.0 / (1.0 - p.dropout))
         dg, du = silu_mul_grads(g, u, d_act, ctx.liger)
-        return (dg, du, None, None, *lora)
+        return (dg, du, None, None, None, *lora)
 
 
-def swiglu_down(g: torch.Tensor, u: torch.Tensor, module: nn.Module, liger) -> torch.Tensor:
+def swiglu_down(g: torch.Tensor, u: torch.Tensor, module: nn.Module, liger, skip_output=False) -> torch.Tensor:
     p = projection(module)
     params = (p.lora_A, p.lora_B) if p.lora_A is not None else ()
-    return SwiGLUDown.apply(g, u, p, liger, *params)
+    return SwiGLUDown.apply(g, u, p, liger, skip_output, *params)
