@@ -57,7 +57,7 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
 # step (BATCH, one micro-batch), the step count and order, lr 2e-4 with linear decay (so the losses
 # compare), and the base's quantization (NF4 + double quantization, as the peers load it).
 RECIPE_TRAIN_KEYS = ("optimizer", "max_grad_norm", "weight_decay", "gradient_checkpointing", "packing", "fused_layers",
-                     "liger_kernels", "offload_activations", "attention_kernel", "keep_attention",
+                     "liger_kernels", "offload_activations", "attention_kernel", "keep_activations",
                      "max_tokens_per_micro_batch")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -170,6 +170,7 @@ def fast_paths(run_dir: str):
 def main() -> None:
     import sys
 
+    from loraforge.model.fused.offload import pinned_bytes
     from loraforge.train.loop import run_training
 
     if sys.argv[1:2] == ["lora-env"] and len(sys.argv) == 3:
@@ -235,8 +236,10 @@ def main() -> None:
         "recipe": recipe, "lora": cfg.lora.model_dump(mode="json"), "compute_dtype": cfg.model.compute_dtype,
         "train": {k: getattr(cfg.train, k) for k in RECIPE_TRAIN_KEYS},
         "fast_paths": fast_paths(run_dir),
-        "model_tflop": float(f"{flops / 1e12:.5g}") if flops else None, "matmul_tflops": round(peak, 1) if peak else None,
+        "model_tflop": float(f"{flops / 1e12:.5g}") if flops else None,
+        "matmul_tflops": round(peak, 1) if peak else None,
         "mfu": round(flops / meter["seconds"] / (peak * 1e12), 4) if flops and peak else None,
+        "pinned_gib": round(pinned_bytes() / 2**30, 1),
     }
     print("RESULT " + json.dumps(result), flush=True)
 

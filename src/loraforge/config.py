@@ -135,13 +135,14 @@ class TrainSettings(Section):
     attention_kernel: Literal["auto", "cudnn", "flash"] = Field(
         "auto", description="Fused path's attention: auto: cuDNN for sequences of 4096+ tokens on Hopper or newer "
         "(where its check passes), FlashAttention-2 for the rest; cudnn: the same, an error where it cannot run.")
-    keep_attention: Literal["auto", "on", "off"] = Field(
-        "auto", description="Checkpoints keep the attention output and softmax statistics (with the checkpoints: "
-        "pinned CPU memory when offloading), so the recompute skips attention; auto: for long sequences.")
+    keep_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="Checkpoints keep attention outputs + softmax statistics, q/k/v and up-projection outputs "
+        "(where the checkpoints go), so the recompute skips them; auto: what the copy engine moves while a layer "
+        "computes (offloaded, steps of 4096+ tokens), or long sequences' attention (on the device).")
     max_tokens_per_micro_batch: Optional[int] = Field(
         None, gt=0, description="Split a micro-batch's rows further so each part holds at most this many tokens.")
 
-    @field_validator("packing", "fused_layers", "liger_kernels", "offload_activations", "keep_attention", mode="before")
+    @field_validator("packing", "fused_layers", "liger_kernels", "offload_activations", "keep_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare on/off as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
@@ -207,19 +208,19 @@ def cross_check(cfg: "RunConfig") -> list[str]:
     if t.early_stopping_patience and not t.eval_steps:
         problems.append("train.early_stopping_patience: needs train.eval_steps")
     if t.fused_layers == "off":
-        for key in ("liger_kernels", "offload_activations", "keep_attention"):
+        for key in ("liger_kernels", "offload_activations", "keep_activations"):
             if getattr(t, key) == "on":
                 problems.append(f"train.{key}: on needs the fused path, but train.fused_layers is off")
         if t.attention_kernel == "cudnn":
             problems.append("train.attention_kernel: cudnn is the fused path's, but train.fused_layers is off")
     for key, what in (("offload_activations", "offloads the layer checkpoints"),
-                      ("keep_attention", "keeps attention for the checkpoints' recompute")):
+                      ("keep_activations", "keeps activations for the checkpoints' recompute")):
         if getattr(t, key) == "on" and not t.gradient_checkpointing:
             problems.append(f"train.{key}: on {what}, so it needs train.gradient_checkpointing: true")
     if t.fsdp_cpu_offload and t.distributed != "fsdp":
         problems.append("train.fsdp_cpu_offload: needs train.distributed: fsdp")
     if t.distributed == "fsdp":
-        for key in ("fused_layers", "liger_kernels", "offload_activations", "keep_attention", "attention_kernel"):
+        for key in ("fused_layers", "liger_kernels", "offload_activations", "keep_activations", "attention_kernel"):
             if getattr(t, key) in ("on", "cudnn"):
                 problems.append(f"train.{key}: {getattr(t, key)} needs the fused forward, which reads whole weights: it "
                                 "does not run with train.distributed: fsdp (sharded weights); leave it 'auto', or use ddp")

@@ -2,11 +2,13 @@
 split of a stream into long sequences and varlen runs, its padding (exact for causal attention, shown with the
 explicit-softmax kernel against float64 SDPA), the keep policy and the host-memory limit of pinned buffers.
 The CUDA kernels themselves are checked on the GPU host (test_fused_cuda.py)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loraforge.model.fused import offload
+from loraforge.model.fused import keep, offload
 from loraforge.model.fused.attention_kernels import CudnnKernel, MathKernel, padded_length, segments
 
 
@@ -81,28 +83,55 @@ def test_cudnn_kernel_splits_the_stream_into_long_sequences_and_varlen_runs():
     assert len(short) == 1 and short[0][2].bounds == [0, 300, 1700]
 
 
-def test_auto_keeps_attention_only_for_long_sequences():
-    def seg(*lengths):
-        bounds = [0]
-        for n in lengths:
-            bounds.append(bounds[-1] + n)
-        return segments(bounds, "cpu")
-
-    out, aux = torch.zeros(3), (torch.zeros(2),)
-    for keep, s, kept in (("auto", seg(1400, 2000, 900, 4096), False), ("auto", seg(32768), True),
-                          ("auto", seg(8000, 100), True), ("on", seg(10, 20), True), ("off", seg(65536), False)):
-        memo = offload.Memo(keep)
-        memo.keep_attention(s, out, aux)
-        assert (memo.take_attention() is not None) == kept, (keep, s.bounds)
+LLAMA3_8B = SimpleNamespace(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128)
+H200 = (790e12, 55e9)  # bf16 matmul FLOP/s and device -> pinned copy bytes/s measured there (docs/perf-notes.md)
 
 
-def test_no_room_anywhere_means_the_recompute_runs_attention_again(monkeypatch):
+def test_offloaded_checkpoints_keep_what_the_copy_engine_moves_while_a_layer_computes():
+    """auto: attention first (most FLOPs saved per byte), then q/k/v, then up, as far as the copies fit in the
+    forward's time; the first layers keep, so the same pinned buffers serve every step."""
+    long32k = keep.plan("auto", True, [32768], LLAMA3_8B, 2, H200).layers
+    assert long32k["attention"] == 32 and long32k["qkv"] == 32 and 0 < long32k["up"] < 32
+    long64k = keep.plan("auto", True, [65536], LLAMA3_8B, 2, H200).layers
+    assert long64k == {"attention": 32, "qkv": 32, "up": 32}  # attention's quadratic time hides every copy
+    chats = keep.plan("auto", True, [1400, 2100, 900, 1700], LLAMA3_8B, 2, H200).layers
+    assert chats["attention"] == chats["qkv"] == 32 and chats["up"] < 8  # short sequences: little time to hide copies in
+    assert keep.plan("auto", True, [1000, 900, 1100], LLAMA3_8B, 2, H200).layers == {}  # host-bound steps: nothing
+    slow_copies = keep.plan("auto", True, [32768], LLAMA3_8B, 2, (790e12, 10e9)).layers  # an older PCIe link
+    assert slow_copies["attention"] < 32 and slow_copies["up"] == 0
+    assert keep.plan("auto", True, [32768], LLAMA3_8B, 2, H200, attention=False).layers.get("attention", 0) == 0
+
+
+def test_device_checkpoints_keep_only_long_sequences_attention_and_on_off_are_all_or_nothing():
+    for lengths, kept in (([1400, 2000, 900, 4096], False), ([32768], True), ([8000, 100], True)):
+        assert keep.plan("auto", False, lengths, LLAMA3_8B, 2).layers == ({"attention": 32} if kept else {})
+    assert keep.plan("on", False, [10, 20], LLAMA3_8B, 2).layers == {"attention": 32, "qkv": 32, "up": 32}
+    assert keep.plan("off", True, [65536], LLAMA3_8B, 2, H200).layers == {}
+
+
+def test_a_memo_keeps_what_its_plan_and_the_room_allow_and_gives_it_back_in_the_recompute(monkeypatch):
     store = offload.CheckpointStore(torch.device("cpu"), offload=False)
     index = store.save([torch.zeros(4)])
-    memo = offload.Memo("on", store, index)
+    plan = keep.KeepPlan({"attention": 1, "qkv": 2})
+    memo = keep.Memo(plan, 0, store, index)
+    memo.keep("attention", [torch.ones(3), torch.zeros(2)])
+    memo.keep("up", [torch.ones(5)])  # not in the plan
+    memo.keep("qkv", [torch.full((2,), 7.0)])
+    assert memo.take("qkv") is None  # only the recompute takes
+    h, *kept = store.load(index)  # as LayerCheckpoint's backward does: the kept tensors follow the input
+    assert torch.equal(h, torch.zeros(4)) and len(kept) == 3
+    memo.recomputing, memo.tensors = True, kept
+    assert torch.equal(memo.take("qkv")[0], torch.full((2,), 7.0)) and len(memo.take("attention")) == 2
+    assert memo.take("up") is None
+    index = store.save([torch.zeros(4)])
+    later = keep.Memo(plan, 1, store, index)  # layer 1: the plan keeps qkv only
+    later.keep("attention", [torch.ones(3)])
+    assert later.kinds == []
     monkeypatch.setattr(store, "room_for", lambda i, tensors: False)
-    memo.keep_attention(segments([0, 10], "cpu"), torch.zeros(3), ())
-    assert memo.take_attention() is None
+    full = keep.Memo(plan, 0, store, index)
+    full.keep("attention", [torch.ones(3)])
+    assert full.kinds == []  # no room anywhere: the recompute computes it again
 
 
 def test_pinned_memory_stays_within_the_host_limit(monkeypatch):

@@ -78,9 +78,9 @@ def test_cuda_kernels_match_torch_reference():
         k, v = (torch.randn(T, kv_heads, D, device=dev, dtype=bf) for _ in range(2))
         dout = torch.randn(T, H, D, device=dev, dtype=bf)
         q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
-        ref, ref_aux = attention_kernels.MathKernel().forward(q64, k64, v64, attention.segments(bounds, "cpu"), D ** -0.5)
-        rg = attention_kernels.MathKernel().backward(dout.double().cpu(), q64, k64, v64, ref, ref_aux,
-                                                    attention.segments(bounds, "cpu"), D ** -0.5)
+        cpu_seg = attention.segments(bounds, "cpu")
+        ref, ref_aux = attention_kernels.MathKernel().forward(q64, k64, v64, cpu_seg, D ** -0.5)
+        rg = attention_kernels.MathKernel().backward(dout.double().cpu(), q64, k64, v64, ref, ref_aux, cpu_seg, D ** -0.5)
         # cuDNN: the long sequences alone (padded), the 17-token one through flash between them
         for name, kernel in (("flash", attention_kernels.FlashKernel()),
                              ("cudnn", attention_kernels.CudnnKernel(min_len=200, expand_kv=expand))):
@@ -103,9 +103,10 @@ def test_cuda_kernels_match_torch_reference():
     # the long-context path at toy size: cuDNN for sequences >= 128 tokens (flash below), grouped-query,
     # attention kept (offloaded) for the recompute, which skips it and the o/down outputs
     (torch.bfloat16, dict(r=16, dropout=0.05), True, dict(min_len=128, kv_heads=1, keep="on")),
+    # no pinned memory left: the checkpoints on the device, nothing kept besides
     (torch.bfloat16, dict(r=16, dropout=0.0), True, dict(min_len=128, kv_heads=1, keep="on", host_full=True)),
     (torch.bfloat16, dict(r=16, dropout=0.0), True, dict(kernel="flash", keep="on")),
-], ids=["bf16", "bf16-guanaco-dropout", "fp16-dropout", "bf16-cudnn-gqa-kept", "bf16-cudnn-kept-on-device",
+], ids=["bf16", "bf16-guanaco-dropout", "fp16-dropout", "bf16-cudnn-gqa-kept", "bf16-cudnn-host-full",
         "bf16-flash-kept"])
 def test_cuda_fused_forward_matches_plain_path(tmp_path, monkeypatch, dtype, lora, double_quant, attn):
     """Whole tiny model, NF4 base, under autocast as training runs on a GPU: the fused path (liger,
@@ -115,7 +116,7 @@ def test_cuda_fused_forward_matches_plain_path(tmp_path, monkeypatch, dtype, lor
     from loraforge.model.load import load_base_model
 
     monkeypatch.setattr(attention_kernels, "CUDNN_MIN_LEN", attn.get("min_len", attention_kernels.CUDNN_MIN_LEN))
-    if attn.get("host_full"):  # no pinned memory left: checkpoints and kept attention stay on the device
+    if attn.get("host_full"):  # no pinned memory left: checkpoints stay on the device, nothing more is kept
         monkeypatch.setattr(offload, "host_has_room", lambda *a, **k: False)
     torch.manual_seed(0)
     kv_heads = attn.get("kv_heads", 2)
@@ -142,7 +143,7 @@ def test_cuda_fused_forward_matches_plain_path(tmp_path, monkeypatch, dtype, lor
         return loss.detach().float(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
 
     plain = run(collate_packed(data, 0))
-    report = apply_fast_paths(model, train_cfg(offload_activations=True, keep_attention=attn.get("keep", "auto"),
+    report = apply_fast_paths(model, train_cfg(offload_activations=True, keep_activations=attn.get("keep", "auto"),
                                                attention_kernel=attn.get("kernel", "auto")), "cuda", say=print)
     fused = run(collate_packed(data, 0))
     worst = max(_rel(fused[1][k], g) for k, g in plain[1].items())

@@ -58,7 +58,8 @@ def test_every_shipped_recipe_resolves_to_the_fused_path_on_cuda(recipe, monkeyp
     assert cfg.train.packing == "auto"  # packs wherever the fused path runs
     assert "fused layers" in report.on and "liger RoPE/SiLU-mul" in report.on
     assert any(s.startswith("cuDNN attention (sequences >= 4096 tokens") for s in report.on)
-    assert ("attention kept for the recompute (long sequences)" in report.on) == cfg.train.gradient_checkpointing
+    assert ("kept activations (attention, q/k/v, up outputs; within copy time)" in report.on) == \
+        cfg.train.gradient_checkpointing
     expected_off = {} if cfg.train.gradient_checkpointing else {
         "CPU-offloaded checkpoints": "train.gradient_checkpointing is false"}
     assert report.off == expected_off
@@ -80,14 +81,16 @@ def test_attention_kernel_falls_back_to_flash_and_says_why(monkeypatch):
     with pytest.raises(UserError, match="train.attention_kernel: cudnn, but cuDNN attention does not run here"):
         apply_fast_paths(model, train_cfg(attention_kernel="cudnn"), "cuda", QUIET)
     said.clear()
-    report = apply_fast_paths(model, train_cfg(attention_kernel="flash", keep_attention="off"), "cuda", said.append)
+    report = apply_fast_paths(model, train_cfg(attention_kernel="flash", keep_activations="off"), "cuda", said.append)
     assert "FlashAttention-2 varlen attention" in report.on and not any("kept" in s for s in report.on)
+    assert "kept attention" not in report.off
     assert not any("off:" in s for s in said)
-    model.to(torch.float32)  # no flash/cuDNN kernel for fp32: per-sequence SDPA, nothing kept, said
-    report = apply_fast_paths(model, train_cfg(), "cuda", QUIET)
-    assert "per-sequence SDPA" in report.on and "attention kept for the recompute" in report.off
-    with pytest.raises(UserError, match="train.keep_attention: on, but it needs the flash or cuDNN"):
-        apply_fast_paths(model, train_cfg(keep_attention="on"), "cuda", QUIET)
+    model.to(torch.float32)  # no flash/cuDNN kernel for fp32: per-sequence SDPA, its attention not kept, said
+    said.clear()
+    report = apply_fast_paths(model, train_cfg(), "cuda", said.append)
+    assert "per-sequence SDPA" in report.on and "kept activations (q/k/v, up outputs; within copy time)" in report.on
+    assert report.off["kept attention"].startswith("needs the flash or cuDNN kernels' softmax statistics")
+    assert "kept attention (needs the flash or cuDNN" in said[-1]
 
 
 def test_liger_is_used_only_on_cuda_tensors(monkeypatch):

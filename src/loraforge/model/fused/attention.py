@@ -37,17 +37,18 @@ class Attention(torch.autograd.Function):
 def attend(q, k, v, seg: Segments, scale: float, kernel, memo=None) -> torch.Tensor:
     """q (T, Hq, D), k/v (T, Hk, D) -> (T, Hq, D), each sequence attending causally to itself.
 
-    `memo` (a checkpointed block's, offload.Memo): in its forward the output and statistics are kept when
-    its policy says so; in its recompute they are taken back instead of computed.
+    `memo` (a checkpointed block's, keep.Memo): in its forward the output and statistics are kept where its
+    plan says so; in its recompute they are taken back instead of computed.
     """
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if kernel is None or (q.is_cuda and not flash_usable(q.dtype, q.shape[-1])):
         return _per_sequence_sdpa(q, k, v, seg, scale)
     if memo is not None and not memo.recomputing:  # checkpoint forward: no graph is built
         out, aux = kernel.forward(q, k, v, seg, scale)
-        memo.keep_attention(seg, out, aux)
+        memo.keep("attention", [out, *aux])
         return out
-    stored = memo.take_attention() if memo is not None else None
+    kept = memo.take("attention") if memo is not None else None
+    stored = (kept[0], tuple(kept[1:])) if kept is not None else None
     return Attention.apply(q, k, v, seg, scale, kernel, stored)
 
 

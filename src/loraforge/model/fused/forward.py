@@ -18,7 +18,9 @@ from torch import nn
 from loraforge.model.fused.attention import attend, pack_batch
 from loraforge.model.fused.elementwise import rms_norm, rope
 from loraforge.model.fused.loss import LinearCrossEntropy
-from loraforge.model.fused.offload import CheckpointStore, LayerCheckpoint, Memo
+from loraforge.model.fused import keep
+from loraforge.model.fused.keep import Memo
+from loraforge.model.fused.offload import CheckpointStore, LayerCheckpoint, device_rates
 from loraforge.model.fused.projection import project, swiglu_down
 from loraforge.model.fused import support
 
@@ -30,7 +32,7 @@ class FastSettings:
     offload: bool
     dropout: bool = False  # some LoRA dropout > 0: checkpoints keep the generator state for the recompute
     kernel: object = None  # attention_kernels' kernel (None: per-sequence SDPA)
-    keep_attention: str = "off"  # auto | on | off: checkpoints keep attention output + statistics (offload.Memo)
+    keep_activations: str = "off"  # auto | on | off: what checkpoints keep besides their input (keep.plan)
 
 
 @dataclass
@@ -49,7 +51,11 @@ def attention_block(layer: nn.Module, h: torch.Tensor, step: Step, memo: Memo = 
     n = h.shape[0]
     head_dim = attn.head_dim
     x = rms_norm(h, layer.input_layernorm)
-    q, k, v = project(x, [attn.q_proj, attn.k_proj, attn.v_proj], getattr(attn, "_loraforge_qkv_group", None))
+    group = getattr(attn, "_loraforge_qkv_group", None)
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+    # liger's RoPE writes into contiguous q/k: the separate (ungrouped) outputs are kept only without it
+    grouped = group is not None and group.matches([getattr(m, "base_layer", m) for m in modules])
+    q, k, v = project(x, modules, group, memo=memo, kind="qkv" if grouped or step.liger is None else None)
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
     q, k = rope(q, k, step.cos, step.sin, step.liger)
     o = attend(q, k, v, step.seg, attn.scaling, step.kernel, memo)
@@ -61,7 +67,7 @@ def mlp_block(layer: nn.Module, h: torch.Tensor, step: Step, memo: Memo = None) 
     """h + MLP(norm(h)) of one Llama decoder layer."""
     mlp = layer.mlp
     x = rms_norm(h, layer.post_attention_layernorm)
-    g, u = project(x, [mlp.gate_proj, mlp.up_proj])
+    g, u = project(x, [mlp.gate_proj, mlp.up_proj], memo=memo, kind="up", keep_outputs=[1])
     return h + swiglu_down(g, u, mlp.down_proj, step.liger, skip_output=_recomputing(memo))
 
 
@@ -91,13 +97,19 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         if settings.checkpoint and not h.requires_grad:
             h = h.detach().requires_grad_(True)
         step = Step(cos, sin, seg, liger, settings.kernel)
-        store = CheckpointStore(h.device, settings.offload) if settings.checkpoint else None
-        for layer in body.layers:
+        store = plan = None
+        if settings.checkpoint:
+            store = CheckpointStore(h.device, settings.offload, tokens=h.shape[0])
+            measure = store.offload and settings.keep_activations == "auto" and h.shape[0] >= keep.KEEP_MIN_TOKENS
+            rates = device_rates(h.device) if measure else (0.0, 0.0)
+            plan = keep.plan(settings.keep_activations, store.offload, seg.lengths(), self.config, h.element_size(),
+                             rates, attention=settings.kernel is not None)
+        for i, layer in enumerate(body.layers):
             # Checkpoints at each half layer: the recompute of one half never holds the other's activations.
             for block in (attention_block, mlp_block):
                 run = functools.partial(block, layer, step=step)
                 if settings.checkpoint:
-                    h = LayerCheckpoint.apply(h, run, store, settings.dropout, settings.keep_attention)
+                    h = LayerCheckpoint.apply(h, run, store, settings.dropout, plan, i)
                 else:
                     h = run(h)
         h = rms_norm(h, body.norm)

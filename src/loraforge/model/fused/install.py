@@ -36,7 +36,8 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     `train.offload_activations`: auto (on with the fused path and checkpointing, on CUDA) | on | off.
     `train.attention_kernel`: auto (cuDNN for long sequences on Hopper or newer where its check passes,
     FlashAttention-2 for the rest) | cudnn | flash.
-    `train.keep_attention`: auto (checkpoints keep long sequences' attention output and statistics) | on | off.
+    `train.keep_activations`: auto (checkpoints keep attention, q/k/v and up outputs within copy time: keep.plan)
+    | on | off.
     """
     report = FastPathReport()
     on_gpu = device.startswith("cuda")
@@ -84,7 +85,7 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     dropout = any(projection(m).dropout > 0 for layer in lm.model.layers for m in support.projections(layer))
     kernel, attention_on, keep = _attention(lm, train_cfg, on_gpu, report)
     lm._loraforge_fast = FastSettings(liger=use_liger, checkpoint=train_cfg.gradient_checkpointing,
-                                      offload=use_offload, dropout=dropout, kernel=kernel, keep_attention=keep)
+                                      offload=use_offload, dropout=dropout, kernel=kernel, keep_activations=keep)
     if not hasattr(lm, "_loraforge_original_forward"):
         lm._loraforge_original_forward = lm.forward
     lm.forward = types.MethodType(fused_forward, lm)
@@ -100,7 +101,7 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     say("fast paths: " + ", ".join(report.on))
     asked_off = {"liger kernels": liger == "off", "CPU-offloaded checkpoints": offload == "off",
                  "cuDNN attention": train_cfg.attention_kernel == "flash",
-                 "attention kept for the recompute": train_cfg.keep_attention == "off"}
+                 "kept attention": train_cfg.keep_activations == "off"}
     auto_off = {k: v for k, v in report.off.items() if not asked_off.get(k, False)}
     if auto_off:
         say("fast paths off: " + "; ".join(f"{k} ({v})" for k, v in auto_off.items()))
@@ -109,7 +110,7 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
 
 
 def _attention(lm: nn.Module, train_cfg, on_gpu: bool, report: FastPathReport):
-    """The attention kernel, its report lines, and what checkpoints keep (`train.attention_kernel`, `keep_attention`)."""
+    """The attention kernel, its report lines, and what checkpoints keep (train.attention_kernel, keep_activations)."""
     config = lm.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -123,15 +124,13 @@ def _attention(lm: nn.Module, train_cfg, on_gpu: bool, report: FastPathReport):
     on = {"cudnn": [f"cuDNN attention (sequences >= {attention_kernels.CUDNN_MIN_LEN} tokens; FlashAttention-2 below)"],
           "flash": ["FlashAttention-2 varlen attention"], "math": ["packed attention"]}.get(
               getattr(kernel, "name", None), ["per-sequence SDPA"])
-    keep = train_cfg.keep_attention if train_cfg.gradient_checkpointing else "off"
-    if keep != "off" and kernel is None:
-        why = "needs the flash or cuDNN kernels' softmax statistics; per-sequence SDPA runs here"
-        if keep == "on":
-            raise UserError(f"train.keep_attention: on, but it {why}. Use 'auto' or 'off'")
-        report.off["attention kept for the recompute"] = why
-        keep = "off"
+    keep = train_cfg.keep_activations if train_cfg.gradient_checkpointing else "off"
     if keep != "off":
-        on.append("attention kept for the recompute" + (" (long sequences)" if keep == "auto" else ""))
+        what = "attention, q/k/v, up outputs" if kernel is not None else "q/k/v, up outputs"
+        on.append(f"kept activations ({what}; {'within copy time' if keep == 'auto' else 'all'})")
+        if kernel is None:
+            report.off["kept attention"] = ("needs the flash or cuDNN kernels' softmax statistics; "
+                                            "per-sequence SDPA runs here")
     return kernel, on, keep
 
 

@@ -1,6 +1,6 @@
-"""Half-layer checkpoints: what each keeps (its input; for long sequences the attention output and softmax
-statistics), where (pinned CPU memory, copied on a side stream and prefetched, or the device), and the
-recompute in backward, which skips what was kept and the block's last projection output (never read)."""
+"""Half-layer checkpoints: where their inputs and what they keep besides (keep.Memo) are held - pinned CPU
+memory, copied on a side stream and prefetched, or the device - and the recompute in backward, which skips
+what was kept and the block's last projection output (never read)."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-KEEP_MIN_CONTEXT = 4096  # auto keeps attention when sum(L^2)/T >= this: recomputing costs more than copying
+from loraforge.model.fused.keep import KeepPlan, Memo
 
 
 class CheckpointStore:
@@ -19,8 +19,8 @@ class CheckpointStore:
     on the device. Without, entries hold the device tensors.
     """
 
-    def __init__(self, device, offload: bool):
-        self.device = device
+    def __init__(self, device, offload: bool, tokens: int = 0):
+        self.device, self.tokens = device, tokens
         self.offload = offload and device.type == "cuda"
         self.stream = _side_stream(device) if self.offload else None
         self.entries: list[list[list]] = []  # entry -> [[host buffer or None, device tensor or None, event], ...]
@@ -33,7 +33,7 @@ class CheckpointStore:
     def add(self, index: int, tensors) -> None:
         items = self.entries[index]
         for t in tensors:
-            buf = _pinned_slot((index, len(items)), t) if self.offload and t.numel() >= 4096 else None
+            buf = _pinned_slot((index, len(items)), t, self.tokens) if self.offload and t.numel() >= 4096 else None
             if buf is None:
                 items.append([None, t, None])
                 continue
@@ -44,15 +44,15 @@ class CheckpointStore:
             items.append([buf, None, None])
 
     def room_for(self, index: int, tensors) -> bool:
-        """Whether `tensors` added to entry `index` fit: in pinned buffers that exist or the host can still
-        pin, or else on the device with DEVICE_SPARE of it left free (measured now)."""
+        """Whether `tensors` (kept beyond the checkpoint's input, keep.Memo) fit when added to entry `index`:
+        offloading, in pinned buffers that exist or the host can still pin (never on the device: keeping them
+        must not cost device memory); else on the device with DEVICE_SPARE of it left free (measured now)."""
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if self.offload:
             first = len(self.entries[index])
             have = sum(b.numel() * b.element_size() for (slot, _), b in _PINNED.items()
                        if slot[0] == index and slot[1] >= first)
-            if host_has_room(max(0, nbytes - have)):
-                return True
+            return host_has_room(max(0, nbytes - have))
         if self.device.type != "cuda":
             return True
         free, total = torch.cuda.mem_get_info(self.device)
@@ -88,31 +88,43 @@ def _side_stream(device):
 
 _PINNED: dict[tuple, torch.Tensor] = {}
 _EVER_PINNED = [0]  # bytes of every pinned buffer made: torch's pinned-memory cache keeps the outgrown ones
-PINNED_MIN_TOKENS = 4096
+PINNED_MIN_TOKENS = 16384
 HOST_SHARE = 0.7  # of the memory available when the first buffer is pinned: at most this much is pinned
-DEVICE_SPARE = 0.1  # kept attention stays on the device only while this share of its memory stays free
+DEVICE_SPARE = 0.1  # without offload, kept tensors stay on the device only while this share of it stays free
 
 
-def _pinned_slot(slot: tuple, t: torch.Tensor) -> Optional[torch.Tensor]:
+def _pinned_slot(slot: tuple, t: torch.Tensor, tokens: int = 0) -> Optional[torch.Tensor]:
     """A pinned host buffer shaped like `t` for checkpoint tensor `slot`, reused across passes; None where
     the host has no room for it (the tensor then stays on the device).
 
     Pinning memory is slow (and can stall the device), so each slot keeps its buffer and only grows, to a
-    power of two of bytes (the size torch's pinned-memory allocator takes anyway). Reuse is safe: every copy
-    into or out of a slot runs on the one side stream, in program order.
+    power of two of bytes (the size torch's pinned-memory allocator takes anyway), at first to room for
+    PINNED_MIN_TOKENS rows where `t` has one per token of the stream. Reuse is safe: every copy into or out of a
+    slot runs on the one side stream, in program order.
     """
     need = t.numel()
     key = (slot, t.dtype)
     buf = _PINNED.get(key)
     if buf is None or buf.numel() < need:
-        floor = PINNED_MIN_TOKENS * t.shape[-1] if t.dim() == 2 else need  # (tokens, hidden): room to grow
-        nbytes = 1 << (max(need, floor) * t.element_size() - 1).bit_length()
+        per_row = need // max(1, t.shape[0]) if t.dim() > 1 and t.shape[0] == tokens else 0
+        nbytes = _pow2(need * t.element_size())
+        roomy = _pow2(PINNED_MIN_TOKENS * per_row * t.element_size())
+        if buf is None and roomy > nbytes and host_has_room(roomy):
+            nbytes = roomy
         if not host_has_room(nbytes):
             return None
         _PINNED.pop(key, None)
         _PINNED[key] = buf = torch.empty(nbytes // t.element_size(), dtype=t.dtype, pin_memory=True)
-        _EVER_PINNED[0] += nbytes
+        count_pinned(nbytes)
     return buf[:need].view(t.shape)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def count_pinned(nbytes: int) -> None:
+    _EVER_PINNED[0] += nbytes
 
 
 def pinned_bytes() -> int:
@@ -142,40 +154,26 @@ def _available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-class Memo:
-    """What one checkpointed block keeps beyond its input, and whether it is being recomputed.
-
-    `keep` ('auto' | 'on' | 'off'): keep the attention output and statistics (auto: when the sequences are
-    long enough that recomputing attention costs more than copying its output out and back). In the
-    recompute the block also skips its last projection's output (offload.LayerCheckpoint only back-propagates
-    through it), see projection.LoRAProjections.
-    """
-
-    def __init__(self, keep: str = "off", store: Optional[CheckpointStore] = None, index: int = 0):
-        self.keep, self.store, self.index = keep, store, index
-        self.recomputing = False
-        self.tensors: list[torch.Tensor] = []
-        self.attention: Optional[int] = None  # number of statistics tensors kept with the output
-
-    def keep_attention(self, seg, out, aux) -> None:
-        if self.keep == "off" or (self.keep == "auto" and not long_context(seg)):
-            return
-        if self.store is not None and not self.store.room_for(self.index, [out, *aux]):
-            return  # no room on the host or the device: the recompute runs attention again
-        self.tensors = [out, *aux]
-        self.attention = len(aux)
-
-    def take_attention(self):
-        if self.attention is None or not self.tensors:
-            return None
-        out, *aux = self.tensors
-        self.tensors, self.attention = [], None
-        return out, tuple(aux)
-
-
-def long_context(seg) -> bool:
-    lengths = seg.lengths()
-    return sum(n * n for n in lengths) >= KEEP_MIN_CONTEXT * sum(lengths)
+@functools.lru_cache(maxsize=None)
+def device_rates(device=None) -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, device -> pinned host bytes/s) of this GPU, measured once (~10 ms). The operands are
+    made without the generator, which the LoRA dropout masks draw from."""
+    n = 4096
+    a = torch.arange(n * n, device=device or "cuda", dtype=torch.float32).sin_().view(n, n).to(torch.bfloat16)
+    src = torch.empty(1 << 26, dtype=torch.uint8, device=a.device)
+    dst = torch.empty(1 << 26, dtype=torch.uint8, pin_memory=True)
+    count_pinned(dst.numel())
+    times = []
+    for work in (lambda: a @ a, lambda: dst.copy_(src, non_blocking=True)):
+        work()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            work()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 5 / 1e3)
+    return 2 * n ** 3 / times[0], src.numel() / times[1]
 
 
 class LayerCheckpoint(torch.autograd.Function):
@@ -188,16 +186,14 @@ class LayerCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, run, store: CheckpointStore, random: bool = False, keep: str = "off"):
+    def forward(ctx, h, run, store: CheckpointStore, random: bool = False, plan: Optional[KeepPlan] = None,
+                layer: int = 0):
         ctx.run, ctx.store = run, store
         ctx.rng = _rng_state(h.device) if random else None
         ctx.index = store.save([h])
-        memo = Memo(keep, store, ctx.index)
+        memo = Memo(plan, layer, store, ctx.index)  # adds what it keeps to the entry of h
         with torch.no_grad():
             out = run(h, memo=memo)
-        if memo.tensors:
-            store.add(ctx.index, memo.tensors)
-            memo.tensors = []
         ctx.memo = memo
         return out
 
@@ -220,7 +216,7 @@ class LayerCheckpoint(torch.autograd.Function):
                 _set_rng_state(before, h.device)
         torch.autograd.backward(out, dout)
         ctx.run = ctx.rng = ctx.memo = None
-        return h.grad, None, None, None, None
+        return h.grad, None, None, None, None, None
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

@@ -154,17 +154,17 @@ class LoRAProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, projs, group, skip_output, *lora_params):
+    def forward(ctx, x, projs, group, given, *lora_params):
         dtype = x.dtype
         ctx.projs, ctx.group = projs, group
         with_lora = [p for p in projs if p.lora_A is not None]
-        t, masks = _lora_down(x, with_lora, dtype)  # drawn also when skipped: the same masks as the forward's
+        t, masks = _lora_down(x, with_lora, dtype)  # drawn also when given: the same masks as the forward's
         ctx.has_mask = [m is not None for m in masks]
         if group is not None:
             b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
             ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
-            if skip_output:
-                return unread(x, sum(p.out_features for p in projs))
+            if given is not None:
+                return _given(given[0], x, sum(p.out_features for p in projs))
             w = group.dense(dtype)
             y = x @ w.t()
             del w
@@ -172,15 +172,17 @@ class LoRAProjections(torch.autograd.Function):
                 y.addmm_(t, b_blk.t())
             return y
         ctx.save_for_backward(x, t, None, *[m for m in masks if m is not None])
-        if skip_output:
-            return tuple(unread(x, p.out_features) for p in projs)
         outs, r0 = [], 0
-        for p in projs:
+        for i, p in enumerate(projs):
+            r = p.lora_A.shape[0] if p.lora_A is not None else 0
+            if given is not None and given[i] is not None:
+                outs.append(_given(given[i], x, p.out_features))
+                r0 += r
+                continue
             w = dense_weight(p.base, dtype)
             y = x @ w.t()
             del w
             if p.lora_A is not None:
-                r = p.lora_A.shape[0]
                 y.addmm_(t[:, r0:r0 + r], p.lora_B.to(dtype).t(), alpha=p.scale)
                 r0 += r
             outs.append(y)
@@ -238,20 +240,43 @@ class LoRAProjections(torch.autograd.Function):
         return (dx, None, None, None, *flat)
 
 
+UNREAD = "unread"  # `given` for an output nobody reads
+
+
 def unread(x: torch.Tensor, out_features: int) -> torch.Tensor:
     """A stand-in output nobody reads (zeros, no memory): in a checkpoint's recompute the block's last
     projection is only back-propagated through, and its backward needs its input, not its output."""
     return x.new_zeros(()).expand(x.shape[0], out_features)
 
 
-def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None, skip_output=False):
-    """The projections' outputs, one per module (split views when they share a QuantGroup)."""
+def _given(value, x, out_features):
+    return unread(x, out_features) if isinstance(value, str) else value
+
+
+def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None, skip_output=False,
+            memo=None, kind: Optional[str] = None, keep_outputs: Optional[list[int]] = None):
+    """The projections' outputs, one per module (split views when they share a QuantGroup).
+
+    `skip_output`: outputs nobody reads (`unread`). With a checkpoint's `memo` and a `kind`, the outputs
+    `keep_outputs` (default all) are kept in its forward and given back in its recompute, which then
+    skips their matmuls (keep.Memo); the node's backward is the same either way.
+    """
     projs = [projection(m) for m in modules]
     params = [t for p in projs if p.lora_A is not None for t in (p.lora_A, p.lora_B)]
-    if group is not None and group.matches([p.base for p in projs]):
-        y = LoRAProjections.apply(x, projs, group, skip_output, *params)
-        return y.split([p.out_features for p in projs], dim=1)
-    return LoRAProjections.apply(x, projs, None, skip_output, *params)
+    grouped = group is not None and group.matches([p.base for p in projs])
+    n_out = 1 if grouped else len(projs)
+    which = keep_outputs if keep_outputs is not None else list(range(n_out))
+    given = (UNREAD,) * n_out if skip_output else None
+    kept = memo.take(kind) if memo is not None and kind else None
+    if kept is not None:
+        given = tuple(kept[which.index(i)] if i in which else None for i in range(n_out))
+    out = LoRAProjections.apply(x, projs, group if grouped else None, given, *params)
+    if memo is not None and kind and not memo.recomputing:
+        outs = (out,) if grouped else out
+        memo.keep(kind, [outs[i] for i in which])
+    if grouped:
+        return out.split([p.out_features for p in projs], dim=1)
+    return out
 
 
 class SwiGLUDown(torch.autograd.Function):
