@@ -23,6 +23,7 @@
 #                   ours at 128k tokens (the longest context, one measured step)
 #   PHASE=final24   (issue 24) GPU checks, then in one call: c8 and s32k ours and Unsloth, the 7B
 #                   human-response recipe row ours and Unsloth, and what time is left: 64k ours
+#   PHASE=hr        (issue 24) the 7B human-response recipe row alone, ours and Unsloth (what final24 left)
 #   Every run gets the time left before DEADLINE (s since start, default 570) as its limit.
 # Usage on the host (project root): PHASE=recipes bash scripts/gpu_bench.sh
 set -u
@@ -129,6 +130,14 @@ if [ "$PHASE" = long ] || [ "$PHASE" = final24 ]; then
     export BENCH_MAX_LENGTH=65536
     WARMUP=1 RUN_TIMEOUT=200 run ours s64k 8b "8B one 64k sequence (s64k)" 1
   fi
+elif [ "$PHASE" = hr ]; then
+  (cd .bench && PYTHONPATH=$BASE python3 -c "
+import workload as W
+W.build_checkpoint('7b', '$D/model-7b'); W.write_workload('w1', '7b', '$D/w1.jsonl')") >>"$L" 2>&1
+  el "7b checkpoint ready"
+  lora=$(lora_of llama2-7b-human-response)
+  run ours w1 7b llama2-7b-human-response 30 BENCH_RECIPE=llama2-7b-human-response $lora
+  run unsloth w1 7b llama2-7b-human-response 30 $lora
 elif [ "$PHASE" = recipes ] || [ "$PHASE" = final ]; then
   (cd .bench && PYTHONPATH=$BASE python3 workload.py --arch 7b --out $D >/dev/null 2>&1; echo built > $D/built) &
   PYTHONPATH=$BASE timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/model/fused/test_fused_cuda.py \

@@ -79,8 +79,9 @@ def test_cudnn_kernel_splits_the_stream_into_long_sequences_and_varlen_runs():
     assert pieces[0][2].bounds == [0, 100] and pieces[2][2].bounds == [0, 30, 70] and pieces[2][2].max_len == 40
     one = CudnnKernel(min_len=4096).pieces(segments([0, 32768], "cpu"))
     assert [(s, e, sub) for s, e, sub in one] == [(0, 32768, None)]
-    short = CudnnKernel(min_len=4096).pieces(segments([0, 300, 1700], "cpu"))
-    assert len(short) == 1 and short[0][2].bounds == [0, 300, 1700]
+    stream = segments([0, 300, 1700], "cpu")
+    short = CudnnKernel(min_len=4096).pieces(stream)
+    assert short == [(0, 1700, stream)]  # all short: one varlen call over the stream as it is
 
 
 LLAMA3_8B = SimpleNamespace(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,

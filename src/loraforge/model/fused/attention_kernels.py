@@ -96,6 +96,8 @@ class CudnnKernel:
         for p in out:
             if isinstance(p, tuple):
                 made.append(p)
+            elif len(out) == 1:  # all short: the stream's own bounds (no new device tensor, no host sync)
+                made.append((0, seg.bounds[-1], seg))
             else:  # a run of short sequences: one varlen call over its (contiguous) tokens
                 s0 = p[0][0]
                 made.append((s0, p[-1][1], segments([s0 - s0] + [e - s0 for _, e in p], seg.cu.device)))
