@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from loraforge.bench import peers_order, reorder_rows
+from loraforge.bench import model_flops, peers_order, reorder_rows
 
 
 def write_rows(path, n, vocab, seed=0):
@@ -44,6 +44,27 @@ def test_bench_counts_the_tokens_of_the_measured_steps(tmp_path, tiny_model_dir,
     measured = index[warmup * batch:(warmup + steps) * batch]
     assert result["tokens"] == sum(min(len(rows[i]), 32) for i in measured)
     assert result["order"] == order and result["tokens_per_s"] > 0 and result["mean_loss"] > 0
+    lengths = [min(len(rows[i]), 32) for i in measured]
+    arch = json.loads((tiny_model_dir / "config.json").read_text())
+    assert result["model_tflop"] == pytest.approx(model_flops(arch, 16, "all-linear", lengths) / 1e12, rel=1e-4)
+    assert result["mfu"] is None  # no GPU: no matmul rate to compare with
+
+
+def test_model_flops_of_a_llama_2_7b_step_counts_each_part_once():
+    """Model FLOPs as the RESULT's MFU uses them: the frozen base 4 x params a token (forward and input
+    gradient), LoRA 6 x its params, the head 4 x its params, causal attention 6 x heads x head_dim x L(L+1)
+    a layer (forward + backward), no recompute."""
+    arch = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32)
+    base = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # 6.48e9 linear parameters
+    lora = 32 * 16 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # r=16 on all 7 projections
+    flops = model_flops(arch, 16, "all-linear", [1000, 24])
+    attention = 32 * 6 * 4096 * (1000 * 1001 + 24 * 25)
+    assert flops == 1024 * (4 * base + 6 * lora + 4 * 4096 * 32000) + attention
+    assert model_flops(arch, 16, ["q_proj", "v_proj"], [10]) == 10 * (4 * base + 6 * 32 * 16 * 2 * 8192
+                                                                     + 4 * 4096 * 32000) + 32 * 6 * 4096 * 110
+    gqa = dict(arch, num_key_value_heads=8)
+    assert model_flops(gqa, 16, "attention", [1]) < model_flops(arch, 16, "attention", [1])
 
 
 @pytest.mark.parametrize("recipe", ["llama2-7b-guanaco", "llama2-7b-human-response", "llama2-7b-sql-mix"])

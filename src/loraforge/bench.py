@@ -14,6 +14,9 @@ when set, replace the workload's LoRA as they do for the peers' runners. `python
 lora-env NAME` prints a recipe's LoRA settings as those variables, for the peers.
 BENCH_PROFILE=FILE adds 3 steps after the measured ones under torch.profiler and writes the kernel
 time table and a breakdown by kind to FILE; they do not count in the RESULT.
+The RESULT also gives the model FLOPs of the measured steps (`model_flops`) and the model-FLOPs utilization
+against the device's bf16 matmul rate (BENCH_MATMUL_TFLOPS, else measured here: `python -m loraforge.bench
+matmul-rate` prints it).
 """
 from __future__ import annotations
 
@@ -54,7 +57,8 @@ def workload_config(data_file: str, model_dir: str, batch: int, max_length: int,
 # step (BATCH, one micro-batch), the step count and order, lr 2e-4 with linear decay (so the losses
 # compare), and the base's quantization (NF4 + double quantization, as the peers load it).
 RECIPE_TRAIN_KEYS = ("optimizer", "max_grad_norm", "weight_decay", "gradient_checkpointing", "packing", "fused_layers",
-                     "liger_kernels", "offload_activations", "max_tokens_per_micro_batch")
+                     "liger_kernels", "offload_activations", "attention_kernel", "keep_activations",
+                     "max_tokens_per_micro_batch")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -109,6 +113,51 @@ def reorder_rows(data_file: str, out_dir: str) -> str:
     return path
 
 
+def model_flops(arch: dict, lora_r: int, targets, lengths: list[int]) -> float:
+    """FLOPs a step over sequences of `lengths` must do, not counting any recompute (model FLOPs, as PaLM's
+    MFU counts them): the frozen base's linear layers and output head forward and input gradient (4 x in x out
+    a token; no weight gradient), LoRA forward, input and weight gradients (6 x r x (in + out) a token and
+    adapted projection), causal attention forward 2 x heads x head_dim x L(L+1) a layer and sequence, and
+    its backward twice that."""
+    h, inter, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    heads = arch["num_attention_heads"]
+    kv = arch.get("num_key_value_heads") or heads
+    d = arch.get("head_dim") or h // heads
+    shapes = {"q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    names = {"all-linear": ALL_PROJECTIONS, "attention": ALL_PROJECTIONS[:4]}.get(targets, targets) \
+        if isinstance(targets, str) else targets
+    per_token = layers * sum(4 * i * o for i, o in shapes.values()) + 4 * h * arch["vocab_size"]
+    per_token += layers * sum(6 * lora_r * sum(shapes[n]) for n in names)
+    attention = sum(layers * 6 * heads * d * n * (n + 1) for n in lengths)
+    return per_token * sum(lengths) + attention
+
+
+def matmul_tflops() -> float:
+    """The device's bf16 matrix rate: an 8192^3 product on random data, median of 10 after 3 warm-ups."""
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def measured_lengths(data_file: str, max_length: int, batch: int, warmup: int, steps: int) -> list[int]:
+    """The sequence lengths of the measured steps' rows (the loop keeps the file's order, truncated)."""
+    with open(data_file) as f:
+        rows = [json.loads(line)["input_ids"] for line in f if line.strip()]
+    return [min(len(r), max_length) for r in rows[warmup * batch:(warmup + steps) * batch]]
+
+
 def fast_paths(run_dir: str):
     """What the run's fused path switched on and off (summary.json), or None if it is not there."""
     try:
@@ -121,10 +170,14 @@ def fast_paths(run_dir: str):
 def main() -> None:
     import sys
 
+    from loraforge.model.fused.offload import pinned_bytes
     from loraforge.train.loop import run_training
 
     if sys.argv[1:2] == ["lora-env"] and len(sys.argv) == 3:
         print(lora_env(sys.argv[2]))
+        return
+    if sys.argv[1:2] == ["matmul-rate"]:
+        print(f"{matmul_tflops():.1f}")
         return
 
     env = os.environ
@@ -168,7 +221,12 @@ def main() -> None:
                     meter["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 meter["seconds"] = time.perf_counter() - meter["start"]
 
+    peak = float(env["BENCH_MATMUL_TFLOPS"]) if env.get("BENCH_MATMUL_TFLOPS") else (matmul_tflops() if cuda else None)
     run_training(cfg, run_dir, step_hook=on_step)
+    with open(os.path.join(env["MODEL_DIR"], "config.json")) as f:
+        arch = json.load(f)
+    lengths = measured_lengths(data_file, cfg.data.max_length, cfg.train.micro_batch_size, warmup, steps)
+    flops = model_flops(arch, cfg.lora.r, cfg.lora.targets, lengths) if sum(lengths) == meter["tokens"] else None
     result = {
         "tokens_per_s": round(meter["tokens"] / meter["seconds"], 1), "tokens": meter["tokens"],
         "seconds": round(meter["seconds"], 2),
@@ -178,13 +236,17 @@ def main() -> None:
         "recipe": recipe, "lora": cfg.lora.model_dump(mode="json"), "compute_dtype": cfg.model.compute_dtype,
         "train": {k: getattr(cfg.train, k) for k in RECIPE_TRAIN_KEYS},
         "fast_paths": fast_paths(run_dir),
+        "model_tflop": float(f"{flops / 1e12:.5g}") if flops else None,
+        "matmul_tflops": round(peak, 1) if peak else None,
+        "mfu": round(flops / meter["seconds"] / (peak * 1e12), 4) if flops and peak else None,
+        "pinned_gib": round(pinned_bytes() / 2**30, 1),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
 
 KINDS = [  # kernel name pattern -> what it is, first match wins
     ("dequantize (bnb NF4)", ("dequant", "kDequantize", "kdequant")),
-    ("flash attention", ("flash", "fmha", "attention")),
+    ("attention (flash / cuDNN)", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "splitk", "sm80_xmma")),
     ("liger triton (norm/rope/silu)", ("_rms_norm", "rope", "swiglu", "_triton")),
     ("optimizer", ("adam", "optimizer", "multi_tensor")),

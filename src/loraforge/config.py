@@ -134,10 +134,17 @@ class TrainSettings(Section):
         "auto", description="liger-kernel's Triton RoPE/SiLU-mul in the fused forward; auto: where installed, on CUDA.")
     offload_activations: Literal["auto", "on", "off"] = Field(
         "auto", description="Keep layer checkpoints in pinned CPU memory; auto: on with the fused path and checkpointing.")
+    attention_kernel: Literal["auto", "cudnn", "flash"] = Field(
+        "auto", description="Fused path's attention: auto: cuDNN for sequences of 4096+ tokens on Hopper or newer "
+        "(where its check passes), FlashAttention-2 for the rest; cudnn: the same, an error where it cannot run.")
+    keep_activations: Literal["auto", "on", "off"] = Field(
+        "auto", description="Checkpoints keep attention outputs + softmax statistics, q/k/v and up-projection outputs "
+        "(where the checkpoints go), so the recompute skips them; auto: what the copy engine moves while a layer "
+        "computes (offloaded, steps of 4096+ tokens), or long sequences' attention (on the device).")
     max_tokens_per_micro_batch: Optional[int] = Field(
         None, gt=0, description="Split a micro-batch's rows further so each part holds at most this many tokens.")
 
-    @field_validator("packing", "fused_layers", "liger_kernels", "offload_activations", mode="before")
+    @field_validator("packing", "fused_layers", "liger_kernels", "offload_activations", "keep_activations", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):  # YAML reads a bare on/off as true/false
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
@@ -203,19 +210,22 @@ def cross_check(cfg: "RunConfig") -> list[str]:
     if t.early_stopping_patience and not t.eval_steps:
         problems.append("train.early_stopping_patience: needs train.eval_steps")
     if t.fused_layers == "off":
-        for key in ("liger_kernels", "offload_activations"):
+        for key in ("liger_kernels", "offload_activations", "keep_activations"):
             if getattr(t, key) == "on":
                 problems.append(f"train.{key}: on needs the fused path, but train.fused_layers is off")
-    if t.offload_activations == "on" and not t.gradient_checkpointing:
-        problems.append("train.offload_activations: on offloads the layer checkpoints, so it needs "
-                        "train.gradient_checkpointing: true")
+        if t.attention_kernel == "cudnn":
+            problems.append("train.attention_kernel: cudnn is the fused path's, but train.fused_layers is off")
+    for key, what in (("offload_activations", "offloads the layer checkpoints"),
+                      ("keep_activations", "keeps activations for the checkpoints' recompute")):
+        if getattr(t, key) == "on" and not t.gradient_checkpointing:
+            problems.append(f"train.{key}: on {what}, so it needs train.gradient_checkpointing: true")
     if t.fsdp_cpu_offload and t.distributed != "fsdp":
         problems.append("train.fsdp_cpu_offload: needs train.distributed: fsdp")
     if t.distributed == "fsdp":
-        for key in ("fused_layers", "liger_kernels", "offload_activations"):
-            if getattr(t, key) == "on":
-                problems.append(f"train.{key}: on needs the fused forward, which reads whole weights: it does not "
-                                "run with train.distributed: fsdp (sharded weights); leave it 'auto', or use ddp")
+        for key in ("fused_layers", "liger_kernels", "offload_activations", "keep_activations", "attention_kernel"):
+            if getattr(t, key) in ("on", "cudnn"):
+                problems.append(f"train.{key}: {getattr(t, key)} needs the fused forward, which reads whole weights: it "
+                                "does not run with train.distributed: fsdp (sharded weights); leave it 'auto', or use ddp")
     if t.fused_layers == "on":
         if cfg.model.quantization == "int8":
             problems.append("train.fused_layers: on does not run bitsandbytes 8-bit layers "

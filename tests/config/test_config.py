@@ -138,6 +138,18 @@ def test_fast_path_contradictions_fail_at_load_time_all_at_once(monkeypatch):
         assert f"  - {line}" in text
     with pytest.raises(UserError, match="train.fused_layers: on does not run DoRA"):
         load_config("tiny", ["train.fused_layers=on", "lora.use_dora=true"])
+def test_attention_settings_need_the_fused_path_and_checkpoints():
+    with pytest.raises(UserError) as err:
+        load_config("tiny", ["train.fused_layers=off", "train.attention_kernel=cudnn", "train.keep_activations=on"])
+    assert "train.keep_activations: on needs the fused path, but train.fused_layers is off" in str(err.value)
+    assert "train.attention_kernel: cudnn is the fused path's, but train.fused_layers is off" in str(err.value)
+    with pytest.raises(UserError, match="train.keep_activations: on keeps activations for the checkpoints' recompute, so "
+                                        "it needs train.gradient_checkpointing: true"):
+        load_config("tiny", ["train.keep_activations=on", "train.gradient_checkpointing=false"])
+    cfg = load_config("tiny", ["train.keep_activations=off", "train.attention_kernel=flash"])
+    assert (cfg.train.keep_activations, cfg.train.attention_kernel) == ("off", "flash")
+
+
 def test_distributed_settings_that_cannot_work_together_are_refused():
     assert load_config("tiny", ["train.distributed=fsdp", "train.fsdp_cpu_offload=true"]).train.distributed == "fsdp"
     with pytest.raises(UserError, match=r"train.fsdp_cpu_offload: needs train.distributed: fsdp"):

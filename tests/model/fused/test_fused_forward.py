@@ -25,25 +25,55 @@ def test_fused_forward_equals_plain_path(batch_fn, checkpointing):
     assert_same(plain, fused)
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("checkpointing,keep", [(True, "auto"), (True, "on"), (False, "auto")],
+                         ids=["checkpointed", "checkpointed-keep-attention", "no-checkpoints"])
 @pytest.mark.parametrize("lora", [dict(dropout=0.3), dict(dropout=0.1, targets=["q_proj", "v_proj", "down_proj"],
                                                           r=8, alpha=16, use_rslora=True)], ids=["all7", "some-rslora"])
-def test_lora_dropout_equals_peft_given_the_same_masks(lora, checkpointing):
+def test_lora_dropout_equals_peft_given_the_same_masks(lora, checkpointing, keep):
     """Dropout on the LoRA input: with the same generator state the fused nodes draw PEFT's masks (in
-    PEFT's order q, k, v, o, gate, up, down), and the layer checkpoint's recompute draws them again."""
+    PEFT's order q, k, v, o, gate, up, down), and the layer checkpoint's recompute draws them again, also
+    where it takes the kept attention and skips the o/down outputs."""
     model = tiny_lora_model(checkpointing=checkpointing, **lora)
     data = rows()
     other_masks = loss_and_grads(model, collate_packed(data, 0), trained_tokens(data), seed=8)
-    plain, fused = plain_then_fused(model, collate_packed, data, train_cfg(gradient_checkpointing=checkpointing),
-                                    plain_fn=collate_packed, seed=7)
+    cfg = train_cfg(gradient_checkpointing=checkpointing, keep_activations=keep)
+    plain, fused = plain_then_fused(model, collate_packed, data, cfg, plain_fn=collate_packed, seed=7)
     assert not torch.allclose(other_masks[0], plain[0], rtol=1e-3)  # dropout is really on: masks move the loss
     assert_same(plain, fused)
 
 
-def test_fused_forward_with_grouped_query_attention_and_attention_only_targets():
+@pytest.mark.parametrize("keep", ["auto", "on"])
+def test_fused_forward_with_grouped_query_attention_and_attention_only_targets(keep):
     model = tiny_lora_model(kv_heads=1, targets="attention")
-    plain, fused = plain_then_fused(model, collate_packed, rows())
+    plain, fused = plain_then_fused(model, collate_packed, rows(), train_cfg(keep_activations=keep))
     assert_same(plain, fused)
+
+
+@pytest.mark.parametrize("batch_fn", [collate_packed, collate], ids=["packed", "padded"])
+def test_kept_attention_and_skipped_outputs_leave_loss_and_gradients_unchanged(batch_fn, monkeypatch):
+    """keep_activations on: checkpoints keep the attention output and softmax statistics, the q/k/v and up outputs;
+    their recompute runs no attention forward and no q/k/v or up matmul, and, like every recompute, no
+    o_proj / down_proj output (counted here); loss and gradients stay the same."""
+    from loraforge.model.fused import attention_kernels, projection
+
+    calls = {"attention": 0, "weights": 0}
+    forward, dense = attention_kernels.MathKernel.forward, projection.dense_weight
+    monkeypatch.setattr(attention_kernels.MathKernel, "forward",
+                        lambda *a: calls.__setitem__("attention", calls["attention"] + 1) or forward(*a))
+    monkeypatch.setattr(projection, "dense_weight", lambda *a: calls.__setitem__("weights", calls["weights"] + 1) or dense(*a))
+    model = tiny_lora_model()
+    data = rows()
+    plain = loss_and_grads(model, collate(data, 0), trained_tokens(data))
+    counted = {}
+    for keep in ("off", "on"):
+        apply_fast_paths(model, train_cfg(keep_activations=keep), "cpu", say=QUIET)
+        calls.update(attention=0, weights=0)
+        fused = loss_and_grads(model, batch_fn(data, 0), trained_tokens(data))
+        assert_same(plain, fused)
+        counted[keep] = dict(calls)
+    layers = 2  # per layer: 7 weights in forward, 7 in backward; in the recompute 5 (no o, no down), or 1 (gate)
+    assert counted["off"] == {"attention": 2 * layers, "weights": 19 * layers}
+    assert counted["on"] == {"attention": layers, "weights": 15 * layers}
 
 
 @pytest.mark.parametrize("double_quant,targets,dropout", [(True, "all-linear", 0.0), (False, ["q_proj", "v_proj"], 0.1)],

@@ -8,7 +8,7 @@ import torch
 from fused_helpers import QUIET, rows, tiny_lora_model, train_cfg
 from loraforge.config import TrainSettings, list_recipes, load_config
 from loraforge.errors import UserError
-from loraforge.model.fused import apply_fast_paths, support, why_unsupported
+from loraforge.model.fused import apply_fast_paths, attention_kernels, support, why_unsupported
 from loraforge.train.loop import micro_batch_loss
 from loraforge.train.plan import collate_packed, trained_tokens
 
@@ -29,7 +29,8 @@ def test_switches_stay_off_where_they_cannot_run_and_say_why():
     report = apply_fast_paths(model, train_cfg(), "cpu", said.append)
     assert "fused layers" in report.on and not any("liger" in s for s in report.on)
     assert report.off["liger kernels"] == "no CUDA GPU" and report.off["CPU-offloaded checkpoints"] == "no CUDA GPU"
-    assert said[-1] == "fast paths off: liger kernels (no CUDA GPU); CPU-offloaded checkpoints (no CUDA GPU)"
+    assert said[-1] == ("fast paths off: liger kernels (no CUDA GPU); CPU-offloaded checkpoints (no CUDA GPU); "
+                        "cuDNN attention (no CUDA GPU)")
     assert model.get_base_model()._loraforge_fast_report is report
 
 
@@ -49,15 +50,47 @@ def test_every_shipped_recipe_resolves_to_the_fused_path_on_cuda(recipe, monkeyp
     """The recipe's own LoRA (dropout, targets, r, alpha) and train keys, no extra settings: on a CUDA
     machine every fast path is on (liger counted as installed, as on the GPU host)."""
     monkeypatch.setattr(support, "liger_ops", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(attention_kernels, "cudnn_problem", lambda *a: (None, False))  # as on the H200
     cfg = load_config(recipe)
     model = tiny_lora_model(**{k: getattr(cfg.lora, k) for k in ("r", "alpha", "dropout", "targets", "use_rslora")})
+    model.to(torch.bfloat16)  # the compute dtype of every GPU recipe's base
     report = apply_fast_paths(model, cfg.train, "cuda", QUIET)
     assert cfg.train.packing == "auto"  # packs wherever the fused path runs
     assert "fused layers" in report.on and "liger RoPE/SiLU-mul" in report.on
+    assert any(s.startswith("cuDNN attention (sequences >= 4096 tokens") for s in report.on)
+    assert ("kept activations (attention, q/k/v, up outputs; within copy time)" in report.on) == \
+        cfg.train.gradient_checkpointing
     expected_off = {} if cfg.train.gradient_checkpointing else {
         "CPU-offloaded checkpoints": "train.gradient_checkpointing is false"}
     assert report.off == expected_off
     assert ("LoRA dropout in the fused nodes" in report.on) == (cfg.lora.dropout > 0)
+
+
+def test_attention_kernel_falls_back_to_flash_and_says_why(monkeypatch):
+    """Where cuDNN attention cannot run (an older GPU, a failed check), auto runs FlashAttention-2 and says so in
+    one line and the report; asking for cudnn there is an error; asking for flash is quiet."""
+    monkeypatch.setattr(support, "liger_ops", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(attention_kernels, "cudnn_problem", lambda *a: ("needs a Hopper GPU or newer (sm_80)", False))
+    model = tiny_lora_model()
+    model.to(torch.bfloat16)
+    said = []
+    report = apply_fast_paths(model, train_cfg(), "cuda", said.append)
+    assert "FlashAttention-2 varlen attention" in report.on
+    assert report.off["cuDNN attention"] == "needs a Hopper GPU or newer (sm_80); FlashAttention-2 runs"
+    assert said[-1] == "fast paths off: cuDNN attention (needs a Hopper GPU or newer (sm_80); FlashAttention-2 runs)"
+    with pytest.raises(UserError, match="train.attention_kernel: cudnn, but cuDNN attention does not run here"):
+        apply_fast_paths(model, train_cfg(attention_kernel="cudnn"), "cuda", QUIET)
+    said.clear()
+    report = apply_fast_paths(model, train_cfg(attention_kernel="flash", keep_activations="off"), "cuda", said.append)
+    assert "FlashAttention-2 varlen attention" in report.on and not any("kept" in s for s in report.on)
+    assert "kept attention" not in report.off
+    assert not any("off:" in s for s in said)
+    model.to(torch.float32)  # no flash/cuDNN kernel for fp32: per-sequence SDPA, its attention not kept, said
+    said.clear()
+    report = apply_fast_paths(model, train_cfg(), "cuda", said.append)
+    assert "per-sequence SDPA" in report.on and "kept activations (q/k/v, up outputs; within copy time)" in report.on
+    assert report.off["kept attention"].startswith("needs the flash or cuDNN kernels' softmax statistics")
+    assert "kept attention (needs the flash or cuDNN" in said[-1]
 
 
 def test_liger_is_used_only_on_cuda_tensors(monkeypatch):

@@ -1,50 +1,59 @@
 """Causal attention over a packed, padding-free token stream: each sequence attends only to itself.
 
-`pack_batch` flattens a micro-batch (padded rows or packed rows with restarting positions) into
-one stream with its sequence bounds; `packed_attention` runs PyTorch's varlen flash-attention
-kernels over it on CUDA (cu_seqlens: no padding, no T x T mask), and per-sequence SDPA elsewhere.
+`pack_batch` flattens a micro-batch (padded rows or packed rows with restarting positions) into one stream
+with its sequence bounds; `attend` runs an attention kernel (attention_kernels: cuDNN / FlashAttention-2 on
+CUDA, explicit softmax on the CPU) over it. Inside a layer checkpoint (offload.Memo) the forward may keep the
+attention output and its softmax statistics, and the recompute then takes them instead of running the
+attention forward again: backward needs only q, k, v (recomputed, cheap) and those.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from loraforge.model.fused.attention_kernels import Segments, flash_usable, segments
 
-@dataclass
-class Segments:
-    """Sequence boundaries of a packed token stream."""
-    bounds: list[int]          # [0, end_1, end_2, ..., T] on the host
-    cu: torch.Tensor           # the same as int32 on the device
-    max_len: int
+__all__ = ["Segments", "attend", "pack_batch", "segments"]
 
 
-class VarlenFlashAttention(torch.autograd.Function):
-    """Causal attention within each packed sequence through PyTorch's flash-attention kernels."""
+class Attention(torch.autograd.Function):
+    """Attention through `kernel`, or the output and statistics a checkpoint kept (`stored`), with the
+    kernel's backward from (q, k, v, out, statistics)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seg: Segments, scale: float):
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, seg.cu, seg.cu, seg.max_len, seg.max_len, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, rng, unused)
-        ctx.seg, ctx.scale = seg, scale
+    def forward(ctx, q, k, v, seg: Segments, scale: float, kernel, stored):
+        out, aux = stored if stored is not None else kernel.forward(q, k, v, seg, scale)
+        ctx.save_for_backward(q, k, v, out, *aux)
+        ctx.seg, ctx.scale, ctx.kernel = seg, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, rng, unused = ctx.saved_tensors
-        seg = ctx.seg
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, seg.cu, seg.cu, seg.max_len, seg.max_len, 0.0, True, rng, unused,
-            scale=ctx.scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, *aux = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout.contiguous(), q, k, v, out, tuple(aux), ctx.seg, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
-def packed_attention(q, k, v, seg: Segments, scale: float, use_flash: bool) -> torch.Tensor:
-    """q (T, Hq, D), k/v (T, Hk, D) -> (T, Hq, D), each sequence attending causally to itself."""
-    if use_flash:
-        return VarlenFlashAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), seg, scale)
+def attend(q, k, v, seg: Segments, scale: float, kernel, memo=None) -> torch.Tensor:
+    """q (T, Hq, D), k/v (T, Hk, D) -> (T, Hq, D), each sequence attending causally to itself.
+
+    `memo` (a checkpointed block's, keep.Memo): in its forward the output and statistics are kept where its
+    plan says so; in its recompute they are taken back instead of computed.
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if kernel is None or (q.is_cuda and not flash_usable(q.dtype, q.shape[-1])):
+        return _per_sequence_sdpa(q, k, v, seg, scale)
+    if memo is not None and not memo.recomputing:  # checkpoint forward: no graph is built
+        out, aux = kernel.forward(q, k, v, seg, scale)
+        memo.keep("attention", [out, *aux])
+        return out
+    kept = memo.take("attention") if memo is not None else None
+    stored = (kept[0], tuple(kept[1:])) if kept is not None else None
+    return Attention.apply(q, k, v, seg, scale, kernel, stored)
+
+
+def _per_sequence_sdpa(q, k, v, seg: Segments, scale: float) -> torch.Tensor:
+    """SDPA under autograd, one sequence at a time: where no kernel above runs (fp32 on a GPU, odd head dims)."""
     groups = q.shape[1] // k.shape[1]
     outs = []
     for s, e in zip(seg.bounds[:-1], seg.bounds[1:]):
@@ -53,10 +62,6 @@ def packed_attention(q, k, v, seg: Segments, scale: float, use_flash: bool) -> t
             ki, vi = ki.repeat_interleave(groups, 0), vi.repeat_interleave(groups, 0)
         outs.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-
-def flash_usable(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
 def pack_batch(input_ids, labels, attention_mask=None, position_ids=None):
@@ -92,6 +97,4 @@ def pack_batch(input_ids, labels, attention_mask=None, position_ids=None):
     ends = torch.tensor(bounds[1:], device=ids.device) - 1
     targets = targets.clone()
     targets[ends] = -100
-    cu = torch.tensor(bounds, dtype=torch.int32, device=ids.device)
-    seg = Segments(bounds, cu, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
-    return ids, targets, positions, seg
+    return ids, targets, positions, segments(bounds, ids.device)

@@ -2,9 +2,10 @@
 
 `fused_forward` replaces LlamaForCausalLM.forward in training (install.apply_fast_paths): the
 micro-batch becomes one padding-free stream (attention.pack_batch), each half decoder layer
-(attention, MLP) runs its projections as fused LoRA nodes (projection) under its own checkpoint
-(offload.LayerCheckpoint), and the loss is the chunked linear + cross-entropy (loss). Evaluation,
-generation and anything with the adapter disabled use the model's own forward.
+(attention, MLP) runs its projections as fused LoRA nodes (projection) and its attention through the kernel
+chosen at install (attention_kernels) under its own checkpoint (offload.LayerCheckpoint, whose Memo says what
+the recompute may skip), and the loss is the chunked linear + cross-entropy (loss). Evaluation, generation and
+anything with the adapter disabled use the model's own forward.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraforge.model.fused.attention import Segments, flash_usable, pack_batch, packed_attention
+from loraforge.model.fused.attention import attend, pack_batch
 from loraforge.model.fused.elementwise import rms_norm, rope
 from loraforge.model.fused.loss import LinearCrossEntropy
-from loraforge.model.fused.offload import LayerCheckpoint, Offloader
+from loraforge.model.fused import keep
+from loraforge.model.fused.keep import Memo
+from loraforge.model.fused.offload import CheckpointStore, LayerCheckpoint, device_rates
 from loraforge.model.fused.projection import project, swiglu_down
 from loraforge.model.fused import support
 
@@ -28,28 +31,48 @@ class FastSettings:
     checkpoint: bool
     offload: bool
     dropout: bool = False  # some LoRA dropout > 0: checkpoints keep the generator state for the recompute
+    kernel: object = None  # attention_kernels' kernel (None: per-sequence SDPA)
+    keep_activations: str = "off"  # auto | on | off: what checkpoints keep besides their input (keep.plan)
 
 
-def attention_block(layer: nn.Module, h: torch.Tensor, cos, sin, seg: Segments, liger) -> torch.Tensor:
+@dataclass
+class Step:
+    """What every block of one forward shares."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    seg: object
+    liger: object
+    kernel: object
+
+
+def attention_block(layer: nn.Module, h: torch.Tensor, step: Step, memo: Memo = None) -> torch.Tensor:
     """h + self-attention(norm(h)) of one Llama decoder layer, on a packed (T, hidden) stream."""
     attn = layer.self_attn
     n = h.shape[0]
     head_dim = attn.head_dim
     x = rms_norm(h, layer.input_layernorm)
-    q, k, v = project(x, [attn.q_proj, attn.k_proj, attn.v_proj], getattr(attn, "_loraforge_qkv_group", None))
+    group = getattr(attn, "_loraforge_qkv_group", None)
+    modules = [attn.q_proj, attn.k_proj, attn.v_proj]
+    # liger's RoPE writes into contiguous q/k: the separate (ungrouped) outputs are kept only without it
+    grouped = group is not None and group.matches([getattr(m, "base_layer", m) for m in modules])
+    q, k, v = project(x, modules, group, memo=memo, kind="qkv" if grouped or step.liger is None else None)
     q, k, v = q.view(n, -1, head_dim), k.view(n, -1, head_dim), v.view(n, -1, head_dim)
-    q, k = rope(q, k, cos, sin, liger)
-    o = packed_attention(q, k, v, seg, attn.scaling, flash_usable(q))
-    (o,) = project(o.reshape(n, -1), [attn.o_proj])
+    q, k = rope(q, k, step.cos, step.sin, step.liger)
+    o = attend(q, k, v, step.seg, attn.scaling, step.kernel, memo)
+    (o,) = project(o.reshape(n, -1), [attn.o_proj], skip_output=_recomputing(memo))
     return h + o
 
 
-def mlp_block(layer: nn.Module, h: torch.Tensor, cos=None, sin=None, seg=None, liger=None) -> torch.Tensor:
+def mlp_block(layer: nn.Module, h: torch.Tensor, step: Step, memo: Memo = None) -> torch.Tensor:
     """h + MLP(norm(h)) of one Llama decoder layer."""
     mlp = layer.mlp
     x = rms_norm(h, layer.post_attention_layernorm)
-    g, u = project(x, [mlp.gate_proj, mlp.up_proj])
-    return h + swiglu_down(g, u, mlp.down_proj, liger)
+    g, u = project(x, [mlp.gate_proj, mlp.up_proj], memo=memo, kind="up", keep_outputs=[1])
+    return h + swiglu_down(g, u, mlp.down_proj, step.liger, skip_output=_recomputing(memo))
+
+
+def _recomputing(memo) -> bool:
+    return memo is not None and memo.recomputing
 
 
 def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
@@ -73,12 +96,22 @@ def fused_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         cos, sin = cos[0], sin[0]
         if settings.checkpoint and not h.requires_grad:
             h = h.detach().requires_grad_(True)
-        offloader = Offloader(h.device) if settings.offload and h.is_cuda else None
-        for layer in body.layers:
+        step = Step(cos, sin, seg, liger, settings.kernel)
+        store = plan = None
+        if settings.checkpoint:
+            store = CheckpointStore(h.device, settings.offload, tokens=h.shape[0])
+            measure = store.offload and settings.keep_activations == "auto" and h.shape[0] >= keep.KEEP_MIN_TOKENS
+            rates = device_rates(h.device) if measure else (0.0, 0.0)
+            plan = keep.plan(settings.keep_activations, store.offload, seg.lengths(), self.config, h.element_size(),
+                             rates, attention=settings.kernel is not None)
+        for i, layer in enumerate(body.layers):
             # Checkpoints at each half layer: the recompute of one half never holds the other's activations.
             for block in (attention_block, mlp_block):
-                run = functools.partial(block, layer, cos=cos, sin=sin, seg=seg, liger=liger)
-                h = LayerCheckpoint.apply(h, run, offloader, settings.dropout) if settings.checkpoint else run(h)
+                run = functools.partial(block, layer, step=step)
+                if settings.checkpoint:
+                    h = LayerCheckpoint.apply(h, run, store, settings.dropout, plan, i)
+                else:
+                    h = run(h)
         h = rms_norm(h, body.norm)
         if num_items_in_batch is None:
             scale = 1.0 / max(1, int((targets != -100).sum()))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from loraforge.errors import UserError
-from loraforge.model.fused import support
+from loraforge.model.fused import attention_kernels, support
 from loraforge.model.fused.forward import FastSettings, fused_forward
 from loraforge.model.fused.projection import projection
 from loraforge.model.fused import weights
@@ -34,6 +34,10 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     `train.fused_layers`: auto (on for supported models on CUDA) | on | off.
     `train.liger_kernels`: auto (on where liger-kernel imports, on CUDA) | on | off.
     `train.offload_activations`: auto (on with the fused path and checkpointing, on CUDA) | on | off.
+    `train.attention_kernel`: auto (cuDNN for long sequences on Hopper or newer where its check passes,
+    FlashAttention-2 for the rest) | cudnn | flash.
+    `train.keep_activations`: auto (checkpoints keep attention, q/k/v and up outputs within copy time: keep.plan)
+    | on | off.
     """
     report = FastPathReport()
     on_gpu = device.startswith("cuda")
@@ -79,12 +83,13 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
             "this bitsandbytes' CUDA dequantize functions are not the ones loraforge calls: through its ops, "
             "~15 us more host time per weight use")
     dropout = any(projection(m).dropout > 0 for layer in lm.model.layers for m in support.projections(layer))
+    kernel, attention_on, keep = _attention(lm, train_cfg, on_gpu, report)
     lm._loraforge_fast = FastSettings(liger=use_liger, checkpoint=train_cfg.gradient_checkpointing,
-                                      offload=use_offload, dropout=dropout)
+                                      offload=use_offload, dropout=dropout, kernel=kernel, keep_activations=keep)
     if not hasattr(lm, "_loraforge_original_forward"):
         lm._loraforge_original_forward = lm.forward
     lm.forward = types.MethodType(fused_forward, lm)
-    report.on += ["fused layers", "varlen attention" if on_gpu else "packed attention", "chunked CE"]
+    report.on += ["fused layers", *attention_on, "chunked CE"]
     if dropout:
         report.on.append("LoRA dropout in the fused nodes")
     if grouped:
@@ -94,12 +99,39 @@ def apply_fast_paths(model: nn.Module, train_cfg, device: str, say=print) -> Fas
     if use_offload:
         report.on.append("CPU-offloaded checkpoints")
     say("fast paths: " + ", ".join(report.on))
-    asked_off = {"liger kernels": liger == "off", "CPU-offloaded checkpoints": offload == "off"}
+    asked_off = {"liger kernels": liger == "off", "CPU-offloaded checkpoints": offload == "off",
+                 "cuDNN attention": train_cfg.attention_kernel == "flash",
+                 "kept attention": train_cfg.keep_activations == "off"}
     auto_off = {k: v for k, v in report.off.items() if not asked_off.get(k, False)}
     if auto_off:
         say("fast paths off: " + "; ".join(f"{k} ({v})" for k, v in auto_off.items()))
     _record(model, report)
     return report
+
+
+def _attention(lm: nn.Module, train_cfg, on_gpu: bool, report: FastPathReport):
+    """The attention kernel, its report lines, and what checkpoints keep (train.attention_kernel, keep_activations)."""
+    config = lm.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = lm.model.embed_tokens.weight.dtype
+    kernel, off = attention_kernels.choose_kernel(on_gpu, dtype, heads, getattr(config, "num_key_value_heads", None)
+                                                  or heads, head_dim, train_cfg.attention_kernel)
+    if train_cfg.attention_kernel == "cudnn" and "cuDNN attention" in off:
+        raise UserError(f"train.attention_kernel: cudnn, but cuDNN attention does not run here: "
+                        f"{off['cuDNN attention']}. Use 'auto' or 'flash'")
+    report.off.update(off)
+    on = {"cudnn": [f"cuDNN attention (sequences >= {attention_kernels.CUDNN_MIN_LEN} tokens; FlashAttention-2 below)"],
+          "flash": ["FlashAttention-2 varlen attention"], "math": ["packed attention"]}.get(
+              getattr(kernel, "name", None), ["per-sequence SDPA"])
+    keep = train_cfg.keep_activations if train_cfg.gradient_checkpointing else "off"
+    if keep != "off":
+        what = "attention, q/k/v, up outputs" if kernel is not None else "q/k/v, up outputs"
+        on.append(f"kept activations ({what}; {'within copy time' if keep == 'auto' else 'all'})")
+        if kernel is None:
+            report.off["kept attention"] = ("needs the flash or cuDNN kernels' softmax statistics; "
+                                            "per-sequence SDPA runs here")
+    return kernel, on, keep
 
 
 def _record(model: nn.Module, report: FastPathReport) -> None:

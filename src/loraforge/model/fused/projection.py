@@ -154,29 +154,35 @@ class LoRAProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, projs, group, *lora_params):
+    def forward(ctx, x, projs, group, given, *lora_params):
         dtype = x.dtype
         ctx.projs, ctx.group = projs, group
         with_lora = [p for p in projs if p.lora_A is not None]
-        t, masks = _lora_down(x, with_lora, dtype)
+        t, masks = _lora_down(x, with_lora, dtype)  # drawn also when given: the same masks as the forward's
         ctx.has_mask = [m is not None for m in masks]
         if group is not None:
+            b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
+            ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
+            if given is not None:
+                return _given(given[0], x, sum(p.out_features for p in projs))
             w = group.dense(dtype)
             y = x @ w.t()
             del w
-            b_blk = _b_blocks(projs, dtype) if with_lora else None  # kept: backward needs it too
             if with_lora:
                 y.addmm_(t, b_blk.t())
-            ctx.save_for_backward(x, t, b_blk, *[m for m in masks if m is not None])
             return y
         ctx.save_for_backward(x, t, None, *[m for m in masks if m is not None])
         outs, r0 = [], 0
-        for p in projs:
+        for i, p in enumerate(projs):
+            r = p.lora_A.shape[0] if p.lora_A is not None else 0
+            if given is not None and given[i] is not None:
+                outs.append(_given(given[i], x, p.out_features))
+                r0 += r
+                continue
             w = dense_weight(p.base, dtype)
             y = x @ w.t()
             del w
             if p.lora_A is not None:
-                r = p.lora_A.shape[0]
                 y.addmm_(t[:, r0:r0 + r], p.lora_B.to(dtype).t(), alpha=p.scale)
                 r0 += r
             outs.append(y)
@@ -199,7 +205,7 @@ class LoRAProjections(torch.autograd.Function):
                 dx = dy @ w
                 del w
             if not with_lora:
-                return (dx, None, None)
+                return (dx, None, None, None)
             dt = dy @ b_blk  # d(dropout(x) A^T) with the scales, (tokens, sum r)
             dB_full = dy.t() @ t  # (sum out, sum r): the diagonal blocks are the LoRA B gradients / scale
             dBs, o, r0 = [], 0, 0
@@ -227,21 +233,50 @@ class LoRAProjections(torch.autograd.Function):
                     dts.append((dy @ p.lora_B.to(dtype)).mul_(p.scale))  # d(dropout(x) A^T), (tokens, r)
                     r0 += r
             if not with_lora:
-                return (dx, None, None)
+                return (dx, None, None, None)
             dt = torch.cat(dts, dim=1) if len(dts) > 1 else dts[0]
         dAs, dx = _lora_up_grads(x, dt, with_lora, masks, dx)
         flat = [g for dA, dB in zip(dAs, dBs) for g in (dA, dB)]
-        return (dx, None, None, *flat)
+        return (dx, None, None, None, *flat)
 
 
-def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None):
-    """The projections' outputs, one per module (split views when they share a QuantGroup)."""
+UNREAD = "unread"  # `given` for an output nobody reads
+
+
+def unread(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """A stand-in output nobody reads (zeros, no memory): in a checkpoint's recompute the block's last
+    projection is only back-propagated through, and its backward needs its input, not its output."""
+    return x.new_zeros(()).expand(x.shape[0], out_features)
+
+
+def _given(value, x, out_features):
+    return unread(x, out_features) if isinstance(value, str) else value
+
+
+def project(x: torch.Tensor, modules: list[nn.Module], group: Optional[QuantGroup] = None, skip_output=False,
+            memo=None, kind: Optional[str] = None, keep_outputs: Optional[list[int]] = None):
+    """The projections' outputs, one per module (split views when they share a QuantGroup).
+
+    `skip_output`: outputs nobody reads (`unread`). With a checkpoint's `memo` and a `kind`, the outputs
+    `keep_outputs` (default all) are kept in its forward and given back in its recompute, which then
+    skips their matmuls (keep.Memo); the node's backward is the same either way.
+    """
     projs = [projection(m) for m in modules]
     params = [t for p in projs if p.lora_A is not None for t in (p.lora_A, p.lora_B)]
-    if group is not None and group.matches([p.base for p in projs]):
-        y = LoRAProjections.apply(x, projs, group, *params)
-        return y.split([p.out_features for p in projs], dim=1)
-    return LoRAProjections.apply(x, projs, None, *params)
+    grouped = group is not None and group.matches([p.base for p in projs])
+    n_out = 1 if grouped else len(projs)
+    which = keep_outputs if keep_outputs is not None else list(range(n_out))
+    given = (UNREAD,) * n_out if skip_output else None
+    kept = memo.take(kind) if memo is not None and kind else None
+    if kept is not None:
+        given = tuple(kept[which.index(i)] if i in which else None for i in range(n_out))
+    out = LoRAProjections.apply(x, projs, group if grouped else None, given, *params)
+    if memo is not None and kind and not memo.recomputing:
+        outs = (out,) if grouped else out
+        memo.keep(kind, [outs[i] for i in which])
+    if grouped:
+        return out.split([p.out_features for p in projs], dim=1)
+    return out
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -253,22 +288,28 @@ class SwiGLUDown(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g, u, proj: Projection, liger, *lora_params):
+    def forward(ctx, g, u, proj: Projection, liger, skip_output, *lora_params):
         dtype = g.dtype
+        ctx.proj, ctx.liger = proj, liger
+        if skip_output and proj.lora_A is None:
+            ctx.save_for_backward(g, u, None, None)
+            return unread(g, proj.out_features)
         act = silu_mul_value(g, u, liger)
-        w = dense_weight(proj.base, dtype)
-        y = act @ w.t()
-        del w
+        y = None
+        if not skip_output:
+            w = dense_weight(proj.base, dtype)
+            y = act @ w.t()
+            del w
         t = mask = None
         if proj.lora_A is not None:
             xd, mask = dropped(act, proj.dropout)
             t = xd @ proj.lora_A.to(dtype).t()
             del xd
-            y.addmm_(t, proj.lora_B.to(dtype).t(), alpha=proj.scale)
+            if y is not None:
+                y.addmm_(t, proj.lora_B.to(dtype).t(), alpha=proj.scale)
         del act
         ctx.save_for_backward(g, u, t, mask)
-        ctx.proj, ctx.liger = proj, liger
-        return y
+        return y if y is not None else unread(g, proj.out_features)
 
     @staticmethod
     def backward(ctx, dy):
@@ -292,10 +333,10 @@ class SwiGLUDown(torch.autograd.Function):
             else:
                 d_act.add_((dt @ p.lora_A.to(dtype)).mul_(mask), alpha=1.0 / (1.0 - p.dropout))
         dg, du = silu_mul_grads(g, u, d_act, ctx.liger)
-        return (dg, du, None, None, *lora)
+        return (dg, du, None, None, None, *lora)
 
 
-def swiglu_down(g: torch.Tensor, u: torch.Tensor, module: nn.Module, liger) -> torch.Tensor:
+def swiglu_down(g: torch.Tensor, u: torch.Tensor, module: nn.Module, liger, skip_output=False) -> torch.Tensor:
     p = projection(module)
     params = (p.lora_A, p.lora_B) if p.lora_A is not None else ()
-    return SwiGLUDown.apply(g, u, p, liger, *params)
+    return SwiGLUDown.apply(g, u, p, liger, skip_output, *params)
