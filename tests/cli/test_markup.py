@@ -10,17 +10,20 @@ MARKUP = ("[/b]", "[bold red]x[/]", "[link=file:///etc/passwd]y[/link]")
 WIDE = {"COLUMNS": "400"}  # rich folds table cells to the width; one line per cell keeps the strings whole
 
 
+def DATA(path):  # noqa: N802 - the dataset flags, as a constant would read
+    return ["--dataset", str(path), "--column", "input=[bold]q", "--column", "output=a[/]"]
+
+
 @pytest.fixture(scope="module")
 def markup_run(tiny_model_dir, tmp_path_factory):
-    """A short tiny-model run on rows whose questions and answers are full of markup, in a folder and a data
-    file whose names are markup too."""
+    """A short tiny-model run on rows whose questions and answers are full of markup, from columns whose names
+    are markup, into a folder whose name is."""
     work = tmp_path_factory.mktemp("markup")
-    data = work / "rows[/b].jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"q{i} {' '.join(MARKUP)}?"},
-                          {"role": "assistant", "content": f"a{i} {' '.join(MARKUP)}"}]} for i in range(8)]
+    data = work / "rows.jsonl"
+    rows = [{"[bold]q": f"q{i} {' '.join(MARKUP)}?", "a[/]": f"a{i} {' '.join(MARKUP)}"} for i in range(8)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = work / "run[bold]"
-    result = run_cli("train", "tiny", "--dataset", str(data), "--set", "train.max_steps=2", "--set",
+    result = run_cli("train", "tiny", *DATA(data), "--set", "train.max_steps=2", "--set",
                      "train.micro_batch_size=2", "--set", "data.max_length=96", "--set", "data.eval_fraction=0",
                      "--set", "data.eval_size=2", "--set", "samples=2", "--set", "eval.max_new_tokens=4",
                      "--set", "train.eval_steps=null", "--set", "train.tensorboard=false", "--output-dir", str(run),
@@ -52,5 +55,5 @@ def test_eval_and_data_inspect_print_markup_as_text(markup_run):
     ev = json.loads((run / "eval.json").read_text())
     assert_literal(evaluated, *(s["question"] for s in ev["samples"]), *(s["reference"] for s in ev["samples"]),
                    f"eval results: {run / 'eval.json'}")
-    inspected = run_cli("data", "inspect", "tiny", "--dataset", str(data), "--set", "data.max_length=96", env=WIDE)
-    assert_literal(inspected, str(data), *MARKUP)
+    inspected = run_cli("data", "inspect", "tiny", *DATA(data), "--set", "data.max_length=96", env=WIDE)
+    assert_literal(inspected, "input<-[bold]q, output<-a[/]", *MARKUP)  # the Sources table and the examples
