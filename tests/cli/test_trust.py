@@ -132,6 +132,21 @@ def test_a_folder_naming_code_without_the_config_key_runs_none_of_it(short_run, 
     assert loraforge(*argv, "--trust-remote-code", env=env).returncode == 0 and marker.exists()
 
 
+def test_a_merged_folder_naming_code_is_exported_without_running_it(short_run, tmp_path):
+    """`export gguf MERGED_DIR`: a merged folder has no config.yaml that could ask, so only the flag allows its
+    auto_map code; without it transformers' own Llama classes read the folder as data."""
+    merged = tmp_path / "merged"
+    assert run_cli("merge", str(short_run), "--out", str(merged)).returncode == 0
+    marker = tmp_path / "marker"
+    plant(merged, marker)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    plain = loraforge("export", "gguf", str(merged), "--out", str(tmp_path / "a.gguf"), env=env)
+    assert plain.returncode == 0 and (tmp_path / "a.gguf").is_file(), plain.stderr[-2000:]
+    assert not marker.exists(), "the merged folder's code ran without --trust-remote-code"
+    allowed = loraforge("export", "gguf", str(merged), "--out", str(tmp_path / "b.gguf"), "--trust-remote-code", env=env)
+    assert allowed.returncode == 0 and marker.exists(), allowed.stderr[-2000:]
+
+
 def test_an_adapter_naming_a_module_for_peft_to_import_is_refused(short_run, tmp_path):
     """PEFT imports the module an adapter config names in megatron_core (allow-listed to megatron.*; the current
     folder is importable under `python -m`): loraforge refuses such an adapter unless asked."""
