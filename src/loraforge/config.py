@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from loraforge import config_messages
-from loraforge.config_messages import CROSS_CHECK_MARK, leaf_types
+from loraforge.config_messages import (CROSS_CHECK_MARK, TRUST_FLAG, leaf_types, redacted_override,  # noqa: F401
+                                       remote_code_refusal, without_secrets)
 from loraforge.errors import UserError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -52,8 +53,13 @@ class ModelSettings(Section):
     double_quant: bool = True
     compute_dtype: DType = "auto"
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # a record that the model needs its own code: it runs only with the flag
     hub_token: Optional[str] = Field(None, description="Hub token; never written to disk or logs. Prefer HF_TOKEN.")
+    _remote_code_allowed: bool = PrivateAttr(False)  # this command line's --trust-remote-code, never a file's
+
+    @property
+    def remote_code_allowed(self) -> bool:
+        return self._remote_code_allowed
 
 
 class LoraSettings(Section):
@@ -83,7 +89,12 @@ class DatasetSource(Section):
     weight: Optional[float] = Field(None, gt=0, description="Sampling weight when data.mix is 'weighted'.")
     max_rows: Optional[int] = Field(None, gt=0)
     system_prompt: Optional[str] = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # a record, as model.trust_remote_code
+    _remote_code_allowed: bool = PrivateAttr(False)
+
+    @property
+    def remote_code_allowed(self) -> bool:
+        return self._remote_code_allowed
 
 
 class DataSettings(Section):
@@ -194,10 +205,25 @@ class RunConfig(Section):
         return self
 
     def saved_dict(self) -> dict:
-        """The resolved config as written to the run directory: secrets removed."""
-        d = self.model_dump(mode="json")
-        d["model"].pop("hub_token", None)
-        return d
+        """The resolved config as written to the run directory: secrets removed (at any depth)."""
+        return without_secrets(self.model_dump(mode="json"))
+
+    def remote_code_keys(self) -> list[str]:
+        """The keys that say this run needs code shipped with its model or data."""
+        keys = ["model.trust_remote_code"] if self.model.trust_remote_code else []
+        return keys + [f"data.datasets[{i}].trust_remote_code" for i, src in enumerate(self.data.datasets or [])
+                       if src.trust_remote_code]
+
+    def allow_remote_code(self, allowed: bool, source: str) -> "RunConfig":
+        """Apply this command line's --trust-remote-code (`allowed`): a config that asks for remote code without
+        it is refused here, before anything loads; with it, loading may run that code. `source` names the config."""
+        asking = self.remote_code_keys()
+        if asking and not allowed:
+            raise UserError(remote_code_refusal(source, asking))
+        self.model._remote_code_allowed = allowed
+        for src in self.data.datasets or []:
+            src._remote_code_allowed = allowed
+        return self
 
 
 def cross_check(cfg: "RunConfig") -> list[str]:
@@ -246,7 +272,8 @@ def format_errors(err: ValidationError, source: str, set_keys: dict[str, str] = 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected KEY=VALUE, for example --set train.max_steps=20")
+        shown = repr(text) if redacted_override(text) == text else "(a value naming a secret, not shown)"
+        raise UserError(f"--set {shown}: expected KEY=VALUE, for example --set train.max_steps=20")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""

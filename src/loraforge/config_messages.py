@@ -6,12 +6,57 @@ the `root` model passed in.
 from __future__ import annotations
 
 import difflib
+import json
 import re
-from typing import Literal, Optional, get_args, get_origin
+from typing import Any, Literal, Optional, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 CROSS_CHECK_MARK = "cross-checks:\n"  # a validator's message of several 'key.path: problem' lines
+SECRET_KEYS = frozenset({"hub_token"})  # by name, in any section: never shown, saved or passed in argv
+
+
+TRUST_FLAG = "--trust-remote-code"
+
+
+def remote_code_refusal(source: str, keys: list[str]) -> str:
+    """The one message for code a file asks to run that this command line did not allow."""
+    return (f"refused to run code shipped with the model or data: {source} sets {', '.join(keys)}: true, and a "
+            f"setting in a file never turns that on. If you have read that code and trust it, add {TRUST_FLAG} "
+            "to this command")
+
+
+def without_secrets(value: Any) -> Any:
+    """`value` (a config, a section, a --set value) without any key named in SECRET_KEYS, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_secrets(v) for k, v in value.items() if str(k) not in SECRET_KEYS}
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    return value
+
+
+def names_secret(text: str) -> bool:
+    return any(name in text for name in SECRET_KEYS)
+
+
+def redacted_override(text: str) -> Optional[str]:
+    """A `--set KEY=VALUE` as it may be printed or passed to another process: None for a secret's own key (or
+    text that names one and cannot be read); a section set whole (`model={base: x, hub_token: ...}`) without
+    its secret keys; anything else as given."""
+    key, sep, raw = text.partition("=")
+    if any(part.strip() in SECRET_KEYS for part in key.split(".")):
+        return None
+    try:
+        value = yaml.safe_load(raw) if sep and raw else raw
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        return None if names_secret(text) else text
+    cleaned = without_secrets(value)
+    if cleaned == value:
+        return text
+    return f"{key.strip()}={json.dumps(cleaned, ensure_ascii=False, default=str)}"  # JSON is YAML: --set reads it
 
 
 def leaf_types(ann) -> set:
@@ -70,7 +115,8 @@ def format_errors(err: ValidationError, source: str, root: type[BaseModel], set_
         if msg not in problems[path]:
             problems[path].append(msg)
         if "input" in e and e["type"] not in ("missing", "extra_forbidden") \
-                and not isinstance(e["input"], (dict, list)) and "token" not in path:  # never echo a secret
+                and not isinstance(e["input"], (dict, list)) and not names_secret(path) \
+                and not names_secret(repr(e["input"])):  # never echo a secret
             problems[path].append(f"(got {e['input']!r})")
         from_set.append(_set_flag(path, set_keys))
     lines = []
@@ -95,7 +141,7 @@ def _set_flag(path: str, set_keys: dict[str, str]) -> Optional[str]:
     """The --set flag that produced the value at `path` (the key itself or a section above it)."""
     for key, text in set_keys.items():
         if path == key or path.startswith(key + "."):
-            return f"--set {key}" if "token" in text else f"--set {text}"  # never echo a secret
+            return f"--set {redacted_override(text) or key}"  # never echo a secret
     return None
 
 

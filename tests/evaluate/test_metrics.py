@@ -148,3 +148,17 @@ def test_sql_metric_plugs_in_as_a_custom_metric():
     metric, = resolve_metrics(["loraforge.evaluate.sql:execution_match"])
     assert metric.score("SELECT name FROM pets WHERE id = 2", "SELECT name FROM pets WHERE kind = 'cat'",
                         SCHEMA_ROW) == 1.0
+
+
+def test_sql_metric_only_reads_whatever_the_answer_says(tmp_path):
+    """execution_match runs from any config on a model's answers: an answer that would write a file or never end
+    scores 0, and nothing is written."""
+    for answer in (f"VACUUM INTO '{tmp_path / 'copy.db'}'", f"ATTACH DATABASE '{tmp_path / 'new.db'}' AS x",
+                   "DELETE FROM pets", "PRAGMA writable_schema = 1",
+                   "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"):
+        assert execution_match(answer, "SELECT name FROM pets", SCHEMA_ROW) == 0.0, answer
+    assert list(tmp_path.iterdir()) == []
+    # A recursive query that ends, and the metric's own reads, still work.
+    assert execution_match("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3) "
+                           "SELECT name FROM pets WHERE id IN (SELECT x FROM c) AND kind = 'cat'",
+                           "SELECT name FROM pets WHERE kind = 'cat'", SCHEMA_ROW) == 1.0

@@ -194,3 +194,90 @@ def test_the_data_section_counts_rows_with_markers_in_their_text(tmp_path):
                         tmp_path, 64)
     assert '<th scope="row">rows with template markers in message text</th><td class="num">3</td>' in html
     assert "a.jsonl line 2: &#x27;&lt;|im_end|&gt;&#x27;" in html  # the marker shows as text
+
+
+# A value meant to break out of the HTML (text, attribute or tag) wherever the report puts it.
+PAYLOAD = '<script>alert(1)</script>"><img src=x onerror=alert(2)>\'<b>'
+
+
+class Markup(HTMLParser):
+    """Every tag and attribute of a page, to find any the payload managed to add."""
+
+    def __init__(self, page):
+        super().__init__()
+        self.tags = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def hostile(value):
+    """`value` with every string and number in it (not the keys) replaced by the payload."""
+    if isinstance(value, dict):
+        return {k: hostile(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [hostile(v) for v in value]
+    return value if value is None else PAYLOAD
+
+
+def assert_nothing_injected(page: str) -> None:
+    assert PAYLOAD not in page and "<script" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in page
+    for tag, attrs in Markup(page).tags:
+        assert tag not in ("script", "iframe", "object", "embed", "b"), tag
+        assert not [a for a in attrs if a.startswith("on")], (tag, attrs)
+        if tag == "img":
+            assert attrs["src"].startswith("data:image/png;base64,"), attrs
+
+
+def test_a_crafted_run_folder_cannot_inject_into_the_report(tmp_path):
+    """Every field the report reads from a run folder's files holds the payload, strings where numbers belong
+    included: the report builds (the CLI says where it is), and every value shows as text."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"description: {json.dumps(PAYLOAD)}\ndata:\n  max_length: {json.dumps(PAYLOAD)}\n")
+    named = {PAYLOAD: PAYLOAD}  # dicts whose keys the report shows as names
+    summary = hostile({
+        "steps": 3, "stopped_early": "x", "first_losses": 2.0, "last_losses": 1.0, "best_eval": {"loss": 1.0, "step": 2},
+        "tokens_per_s": 10.0, "trainable_parameters": 5, "total_parameters": 10, "base_model": "m", "device": "cpu",
+        "compute_dtype": "float32", "samples": [{"question": "q", "before": "b", "after": "a", "reference": "r"}],
+        "environment": {"peak_gpu_memory_gib": 1.0, "peak_host_memory_gib": 1.0, "cpu": "c", "cpu_count": 2,
+                        "gpus": ["g"], "cuda": "12", "python": "3", "platform": "p"}})
+    summary["fast_paths"] = {"on": [PAYLOAD], "off": named}
+    summary["environment"]["versions"] = named
+    ev = hostile(EVAL)
+    ev["metrics"] = {PAYLOAD: hostile({"base": 0.5, "tuned": 0.7, "rows": 2})}
+    ev["settings"]["max_new_tokens"] = PAYLOAD
+    data_report = hostile({
+        "rows": {"train": 8, "eval": 2, "eval_from": "x"}, "template": {"name": "llama2"}, "train_on": "responses",
+        "max_length": 64, "truncation": "truncate", "over_max_length": 0, "truncated": 0, "dropped_too_long": 0,
+        "dropped_no_trainable": 0, "train_tokens": 10, "trained_tokens": 5, "trainable_share": 0.5,
+        "boundary_straddles": 0, "sources": [{"label": "l", "shape": "s", "rows": 8, "train_rows": 8}],
+        "warnings": ["w"], "legend": "l", "histogram": {"bin_edges": [0, 1], "counts": [3]},
+        "examples": [{"where": "w", "tokens": 3, "trained_tokens": 1, "marked": "m"}]})
+    data_report["tokens"] = {PAYLOAD: hostile({"min": 1, "median": 2, "p95": 3, "max": 4, "mean": 2.5})}
+    for name, content in (("summary.json", summary), ("eval.json", ev), ("data_report.json", data_report),
+                          ("template.json", {"name": PAYLOAD, "format": PAYLOAD, "system_prompt": PAYLOAD})):
+        (run / name).write_text(json.dumps(content))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, **hostile({"loss": 1.0, "lr": 1.0, "grad_norm": 1.0,
+                                                                        "tokens_per_s": 1.0, "eval/loss": 1.0})}) + "\n")
+
+    result = run_cli("report", str(run))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "internal error" not in result.stderr and f"report: {run / 'report.html'}" in result.stdout
+    page = (run / "report.html").read_text()
+    assert_nothing_injected(page)
+    t = Tables(page)
+    # Shown as text, where the numbers would be: the sections are all there.
+    assert t.tables["eval-metrics"][1][:3] == [PAYLOAD] * 3
+    assert PAYLOAD in dict(t.tables["environment"]).values() and t.tables["train-samples"][1] == [PAYLOAD] * 4
+    assert t.tables["data-sources"][1] == [PAYLOAD] * 4 and t.tables["token-lengths"][1][0] == PAYLOAD
+
+    # A file of another shape altogether: its part is left out, named; the rest still builds.
+    (run / "eval.json").write_text(json.dumps([PAYLOAD]))
+    (run / "summary.json").write_text(json.dumps({"steps": {"x": PAYLOAD}, "environment": PAYLOAD}))
+    page = write_report(run).read_text()
+    assert_nothing_injected(page)
+    assert "eval.json: unexpected content" in page and "summary.json: unexpected content" in page
+    assert "data-sources" in Tables(page).tables

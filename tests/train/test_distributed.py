@@ -34,6 +34,7 @@ RUN = ["--set", f"train.max_steps={STEPS}", "--set", "data.max_length=48", "--se
        "--set", "train.packing=true", "--set", "train.tensorboard=false", "--set", "train.logging_steps=1",
        "--set", "train.save_steps=3"]
 RANKS_ENV = {"OMP_NUM_THREADS": "1"}
+SECRET = "hf_SECRETtoken0123456789abcdef"
 
 
 def train(run_dir: Path, *extra: str):
@@ -152,8 +153,13 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resume_continues_exactly(ddp, tmp_path):
     straight, _ = ddp
     run_dir = tmp_path / "run"
-    proc, out, err = start(run_dir, "--devices", "2", "--set", "train.save_steps=100")
+    proc, out, err = start(run_dir, "--devices", "2", "--set", "train.save_steps=100", "--set",
+                           f"model.hub_token={SECRET}")
     wait_for_step(run_dir, 1, proc)
+    for rank in (0, 1):  # the token reaches each rank in its environment; argv is readable by any user
+        pid = rank_pid(proc, rank)
+        assert SECRET.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert f"LORAFORGE_HUB_TOKEN={SECRET}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     os.kill(rank_pid(proc, 1), signal.SIGTERM)  # not rank 0, not the launcher: the ranks must agree
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     stdout = out.read_text()
@@ -166,6 +172,8 @@ def test_sigterm_on_one_rank_stops_all_after_the_same_step_and_resume_continues_
     assert saved[-1] == f"step-{stopped:06d}" and set(saved) <= {"step-000003", saved[-1]}, saved
     resume = next(line for line in stdout.splitlines() if line.startswith("Resume with: "))
     assert resume.endswith(f"--resume {run_dir} --devices 2")
+    printed = [stdout, err.read_text()] + [p.read_bytes().decode("latin-1") for p in run_dir.rglob("*") if p.is_file()]
+    assert not [text for text in printed if SECRET in text], "the Hub token was printed or written"
 
     refused = run_cli(*resume.removeprefix("Resume with: loraforge ").split()[:-2], env=RANKS_ENV)
     assert refused.returncode == 2 and "written by a run on 2 device(s)" in refused.stderr, refused.stderr

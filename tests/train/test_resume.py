@@ -9,6 +9,7 @@ over two micro-batches.
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -73,8 +74,9 @@ def straight_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 def test_sigterm_then_resume_matches_a_straight_run_bitwise(straight_run, tmp_path):
     run_dir = tmp_path / "run"
-    # The token rides along to show that it is written nowhere, not even in the resume command.
-    proc, out, err = start_cli(run_dir, "--set", f"model.hub_token={SECRET}")
+    # The token rides along, in a section set whole (the recipe's own values), to show that it is written
+    # nowhere, not even in the resume command.
+    proc, out, err = start_cli(run_dir, "--set", f"model={{base: tiny, hub_token: {SECRET}}}")
     wait_for(lambda: has_step(run_dir, 2), proc, "step 2 was logged")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
@@ -91,10 +93,11 @@ def test_sigterm_then_resume_matches_a_straight_run_bitwise(straight_run, tmp_pa
     resume_line = next(line for line in stdout.splitlines() if line.startswith("Resume with: "))
     assert resume_line.endswith(f"--resume {run_dir}") and "train.max_steps=10" in resume_line
     assert SECRET not in resume_line and "hub_token" not in resume_line
+    assert """--set 'model={"base": "tiny"}'""" in resume_line  # the rest of the section stays
     assert [r["step"] for r in step_records(run_dir)] == list(range(1, stopped + 1))
 
     # The printed command, run as printed (minus the program name), finishes the run.
-    args = resume_line.removeprefix("Resume with: loraforge ").split()
+    args = shlex.split(resume_line.removeprefix("Resume with: loraforge "))
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resumed from {checkpoint} at step {stopped} of {STEPS}" in resumed.stdout.replace("\n", "")

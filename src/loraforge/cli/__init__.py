@@ -40,6 +40,20 @@ def command_group(sub, name: str, help: str):
     return p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
 
 
+def trust_option(p) -> None:
+    """--trust-remote-code: the one way to let code shipped with a model, run folder or dataset run (docs/security.md)."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python code that ships with the model, run folder or dataset (auto_map) to run; "
+                   "read it first. A trust_remote_code setting in a config or folder never does this on its own")
+
+
+def metric_code_option(p) -> None:
+    """--allow-metric-code: metric functions named in a config (not on this command line) may run."""
+    p.add_argument("--allow-metric-code", action="store_true",
+                   help="run metric functions that the config's eval.metrics names (file.py:function or "
+                   "module:function); read them first. Built-in metrics and loraforge's own always run")
+
+
 def _quiet_libraries() -> None:
     """Library chatter (deprecations, 'kernels not installed') hides our own output."""
     import warnings

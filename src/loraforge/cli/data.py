@@ -11,7 +11,7 @@ from loraforge.rundir import CONFIG_FILE, DATA_REPORT_FILE
 
 
 def register(sub) -> None:
-    from loraforge.cli import command_group
+    from loraforge.cli import command_group, trust_option
 
     i = command_group(sub, "data", "inspect a dataset as training will see it").add_parser(
         "inspect", help="rows, shape, token lengths, masking and truncation, without loading the model",
@@ -26,6 +26,7 @@ def register(sub) -> None:
     i.add_argument("--out", metavar="DIR", help="also write data_report.json/.png into DIR (replacing earlier ones; "
                    "default: write nothing)")
     i.add_argument("--force", action="store_true", help="allow --out to be a training run directory")
+    trust_option(i)
     i.set_defaults(handler=run_inspect)
 
 
@@ -76,7 +77,8 @@ def build_config(args):
         overrides.append(f"data.template={args.template}")
     if args.max_length is not None:
         overrides.append(f"data.max_length={args.max_length}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    return cfg.allow_remote_code(args.trust_remote_code, f"the config ({args.config or 'demo'})")
 
 
 def load_tokenizer_for(cfg):
@@ -134,7 +136,8 @@ def show(console, report: dict) -> None:
     for s in report["sources"]:
         shape = s["shape"] + (" (detected)" if s["shape_detected"] else "")
         cols = ", ".join(f"{k}<-{v}" if k != v else k for k, v in s["columns"].items())
-        src.add_row(s["label"], s["kind"], shape, str(s["rows"]), str(s.get("train_rows", "")), cols)
+        src.add_row(*(Text(str(cell)) for cell in (s["label"], s["kind"], shape, s["rows"], s.get("train_rows", ""),
+                                                   cols)))  # names from the data: literal, never markup
     console.print(src)
 
     lengths = Table(title=f"Tokens per row (max_length {report['max_length']})", title_justify="left")

@@ -7,9 +7,12 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def register(sub) -> None:
+    from loraforge.cli import metric_code_option, trust_option
+
     p = sub.add_parser(
         "eval", help="compare the base and the fine-tuned model of a run: loss, perplexity, task metrics, answers",
         description="Evaluate RUN_DIR's adapter against its own base model (the same quantized weights with the "
@@ -26,13 +29,16 @@ def register(sub) -> None:
                    help="task metric: exact_match, contains, rouge_l (default: the run's eval.metrics, else all "
                    "three), none (loss only), or "
                    "your own as module.path:function or file.py:function, called as "
-                   "function(prediction, reference, row) -> float. Repeatable or comma-separated")
+                   "function(prediction, reference, row) -> float. Repeatable or comma-separated. Metric code the "
+                   "run's config names runs only with --allow-metric-code")
     p.add_argument("--samples", type=int, default=5, metavar="N", help="answers shown side by side (default 5)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="generation length (default 128)")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per batch for the loss and the "
                    "answers (default: the run's eval.batch_size, else train.micro_batch_size)")
     p.add_argument("--adapter", metavar="PATH", help="evaluate this adapter or checkpoint folder instead of "
                    "RUN_DIR/adapter (default: the final adapter, else the newest checkpoint)")
+    metric_code_option(p)
+    trust_option(p)
     p.set_defaults(handler=run)
 
 
@@ -55,7 +61,8 @@ def _change(base, tuned, lower_is_better: bool) -> str:
 
 
 def print_result(result: dict, console: Console, answers_title: str = "answers (greedy)") -> None:
-    table = Table(title=f"base vs fine-tuned: {result['rows']} {result['split']} rows", title_justify="left")
+    """The eval table and the answers side by side; text from the data and the model as it is (never markup)."""
+    table = Table(title=Text(f"base vs fine-tuned: {result['rows']} {result['split']} rows"), title_justify="left")
     for col in ("", "base", "fine-tuned", "change"):
         table.add_column(col, justify="left" if not col else "right")
     for key, label in (("responses", "response tokens"), ("all", "all tokens")):
@@ -64,7 +71,7 @@ def print_result(result: dict, console: Console, answers_title: str = "answers (
         table.add_row(f"perplexity ({label})", _num(b["perplexity"]), _num(t["perplexity"]),
                       _change(b["perplexity"], t["perplexity"], True))
     for name, v in result["metrics"].items():
-        table.add_row(f"{name} ({v['rows']} rows)", _num(v["base"]), _num(v["tuned"]),
+        table.add_row(Text(f"{name} ({v['rows']} rows)"), _num(v["base"]), _num(v["tuned"]),
                       _change(v["base"], v["tuned"], False))
     console.print(table)
     if result.get("loss_note"):
@@ -76,7 +83,8 @@ def print_result(result: dict, console: Console, answers_title: str = "answers (
         for col in ("prompt", "base", "fine-tuned", "reference"):
             answers.add_column(col, overflow="fold")
         for s in result["samples"]:
-            answers.add_row(s["question"], s["base"] or "(empty)", s["tuned"] or "(empty)", s["reference"])
+            answers.add_row(*(Text(text) for text in (s["question"], s["base"] or "(empty)", s["tuned"] or "(empty)",
+                                                      s["reference"])))
         console.print(answers)
 
 
@@ -87,7 +95,8 @@ def run(args) -> int:
 
     console = Console(highlight=False)
     opts = EvalOptions(split=args.split, rows=args.rows, metrics=args.metrics, samples=args.samples,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, adapter=args.adapter)
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, adapter=args.adapter,
+                       trust_remote_code=args.trust_remote_code, allow_metric_code=args.allow_metric_code)
     run_dir = Path(args.run_dir)
     if run_dir.is_dir():  # eval.json goes into the run: say now if it cannot, not after the model ran
         from loraforge.atomic import check_writable

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.text import Text
 
 from loraforge.export import GGUF_TYPES, MERGE_DTYPES
 
@@ -13,6 +14,8 @@ def _hub_options(p, what: str) -> None:
 
 
 def register(sub) -> None:
+    from loraforge.cli import trust_option
+
     merge = sub.add_parser(
         "merge", help="fold a run's adapter into the base weights: a plain transformers checkpoint",
         description="Merge the LoRA adapter into the base model and save a checkpoint folder (safetensors, "
@@ -23,6 +26,7 @@ def register(sub) -> None:
     merge.add_argument("--dtype", choices=MERGE_DTYPES, default="auto",
                        help="weights' dtype [auto: the base checkpoint's own, float32 for the built-in tiny model]")
     merge.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    trust_option(merge)
     _hub_options(merge, "merged model")
     merge.set_defaults(handler=run_merge)
 
@@ -41,6 +45,7 @@ def register(sub) -> None:
                       help="weights: f16 (half size, near-exact), q8_0 (8-bit), q5_k_m / q4_k_m / q4_0 (5/4-bit, "
                       "what llama.cpp and Ollama users usually run; need llama-cpp-python), f32 (exact) [f16]")
     gguf.add_argument("--force", action="store_true", help="replace an existing --out file")
+    trust_option(gguf)
     gguf.set_defaults(handler=run_gguf)
 
     adapter = kinds.add_parser(
@@ -64,12 +69,12 @@ def run_merge(args) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     with quiet_progress_bars(), console.status("merging the adapter into the base weights"):
-        out, merged, dtype = merge_to_folder(args.run_dir, args.out, args.dtype, args.force)
+        out, merged, dtype = merge_to_folder(args.run_dir, args.out, args.dtype, args.force, args.trust_remote_code)
     if merged.note:
-        console.print(f"note: {merged.note}")
+        console.print(f"note: {merged.note}", markup=False)
     console.print(f"merged model ({str(dtype).removeprefix('torch.')}): {out}\n"
                   f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}); GGUF: "
-                  f"loraforge export gguf {out} --out {out}.gguf")
+                  f"loraforge export gguf {out} --out {out}.gguf", markup=False)  # paths: literal
     if args.push_to_hub:
         _push(console, out, args.push_to_hub, args.private, "merged model")
     return 0
@@ -81,13 +86,13 @@ def run_gguf(args) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     with quiet_progress_bars(), console.status(f"writing {args.type} GGUF"):
-        result = export_gguf(args.source, args.out, args.type, args.force)
+        result = export_gguf(args.source, args.out, args.type, args.force, args.trust_remote_code)
     if result.note:
-        console.print(f"note: {result.note}")
+        console.print(f"note: {result.note}", markup=False)
     size = result.path.stat().st_size / 2**20
     template = "the training chat template" if result.chat_template else "no chat template"
     console.print(f"GGUF ({args.type}, {result.tensors} tensors, {result.vocab_size} tokens, {template}, "
-                  f"{size:.1f} MiB): {result.path}\nrun it with llama.cpp: llama-cli -m {result.path} -cnv")
+                  f"{size:.1f} MiB): {result.path}\nrun it with llama.cpp: llama-cli -m {result.path} -cnv", markup=False)
     return 0
 
 
@@ -113,7 +118,7 @@ def run_adapter(args) -> int:
         out = check_output(args.out, args.force)
         with written_whole(out, folder=True) as tmp:
             shutil.copytree(info.adapter_dir, tmp, dirs_exist_ok=True)
-        console.print(f"adapter (PEFT format, tokenizer, template.json): {out}")
+        console.print(f"adapter (PEFT format, tokenizer, template.json): {out}", markup=False)
         folder = out
     if args.push_to_hub:
         _push(console, folder, args.push_to_hub, args.private, "adapter")
@@ -123,6 +128,6 @@ def run_adapter(args) -> int:
 def _push(console, folder, repo: str, private: bool, what: str) -> None:
     from loraforge.export.hub import push_folder
 
-    with console.status(f"uploading the {what} to {repo}"):
+    with console.status(Text(f"uploading the {what} to {repo}")):
         url = push_folder(folder, repo, private=private, what=what)
-    console.print(f"pushed the {what} to {url}")
+    console.print(f"pushed the {what} to {url}", markup=False)

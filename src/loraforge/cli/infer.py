@@ -9,6 +9,8 @@ from rich.console import Console
 
 
 def _model_options(p) -> None:
+    from loraforge.cli import trust_option
+
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory written by `loraforge train`")
     p.add_argument("--base", action="store_true", help="use the base model without the adapter, for comparison")
     p.add_argument("--system", help="system prompt (default: the run's data.system_prompt, if any)")
@@ -19,6 +21,7 @@ def _model_options(p) -> None:
                    "this probability mass [0.9]")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling, for repeatable answers [0]")
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token (same as --temperature 0)")
+    trust_option(p)
 
 
 def register(sub) -> None:
@@ -69,10 +72,11 @@ def _load(args, console: Console):
     from loraforge.model.quiet import quiet_progress_bars
 
     with quiet_progress_bars(), console.status("loading the model"):
-        session = load_session(args.run_dir, base_only=args.base, system=args.system)
+        session = load_session(args.run_dir, base_only=args.base, system=args.system,
+                               trust_remote_code=args.trust_remote_code)
     what = "base model only (no adapter)" if args.base else "adapter on the base"
     console.print(f"{what}: {session.base} ({session.quantization}, {session.device}); "
-                  f"template {session.template.name}", highlight=False)
+                  f"template {session.template.name}", highlight=False, markup=False)  # names from the run: literal
     return session
 
 
@@ -82,7 +86,7 @@ def run_chat(args) -> int:
     sampling = _sampling(args)
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     session = _load(args, console)
-    console.print(f"chatting with {args.run_dir} - {COMMANDS}", highlight=False)
+    console.print(f"chatting with {args.run_dir} - {COMMANDS}", highlight=False, markup=False)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -140,5 +144,5 @@ def _generate_file(args, sampling, console) -> int:
             out.write(json.dumps(answered, ensure_ascii=False) + "\n")
             out.flush()
             progress.advance(task)
-    console.print(f"{len(rows)} answers written to {args.output or 'stdout'}", highlight=False)
+    console.print(f"{len(rows)} answers written to {args.output or 'stdout'}", highlight=False, markup=False)
     return 0

@@ -8,9 +8,12 @@ from rich.console import Console
 
 from loraforge.cli.data import dataset_options, dataset_override, recipe_options
 from loraforge.config import RunConfig, load_config, recipe_name
+from loraforge.errors import UserError
 
 
 def register(sub) -> None:
+    from loraforge.cli import metric_code_option, trust_option
+
     p = sub.add_parser(
         "train", help="fine-tune a model with QLoRA (no arguments: the built-in SQL demo on the CPU)",
         description="Fine-tune with QLoRA. RECIPE is a shipped recipe name (see `loraforge recipes`) or a YAML "
@@ -26,24 +29,34 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, metavar="N",
                    help="train on N devices (GPUs; on a CPU, N processes): train.distributed picks ddp or fsdp. "
                    "Under torchrun / accelerate launch it is not needed")
+    trust_option(p)
+    metric_code_option(p)
     p.set_defaults(handler=run)
 
 
-def run(args) -> int:
-    from loraforge.errors import UserError
+def permission_flags(args) -> list[str]:
+    """This command line's permissions, repeated in the worker processes' and the printed resume command."""
+    return ["--trust-remote-code"] * args.trust_remote_code + ["--allow-metric-code"] * args.allow_metric_code
 
+
+def run(args) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume continues a run and --overwrite deletes it; give one of them")
     args.overrides = list(args.overrides) + dataset_override(args)  # kept in the printed resume command
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_config(args.recipe, overrides)  # validated before the heavy imports below
+    source = f"the config ({args.recipe or 'demo'}" + (" and --set)" if args.overrides else ")")
+    cfg.allow_remote_code(args.trust_remote_code, source)  # code named in a config runs only when asked here
 
-    from loraforge.errors import UserError
+    from loraforge.evaluate.metrics import check_metric_code
     from loraforge.train import distributed
+    from loraforge.train.launch import take_hub_token
 
+    check_metric_code(cfg.eval.metrics, source, args.allow_metric_code)  # not after minutes of training
     if args.devices is not None and args.devices < 1:
         raise UserError(f"--devices {args.devices}: give a number of devices, 1 or more")
     if distributed.launched():  # started by torchrun / accelerate launch / --devices: one rank of the run
+        take_hub_token(cfg)  # --devices hands a token over in the environment, never in argv
         return _run_rank(args, cfg)
     if args.devices or cfg.train.distributed == "fsdp":  # fsdp needs a process group, even on one device
         return _launch(args, cfg, args.devices or 1)
@@ -63,9 +76,20 @@ def _launch(args, cfg, devices: int) -> int:
     # Settled once, here: every mistake is reported before N processes start, and all ranks get one folder.
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
     check_world(checkpoint, devices)
-    worker = ([args.recipe] if args.recipe else []) + [x for o in args.overrides for x in ("--set", o)]
+    worker, env = worker_command(args, cfg, run_dir, checkpoint)
+    return launch(devices, worker, say=lambda m: print(m, file=sys.stderr), env=env)
+
+
+def worker_command(args, cfg, run_dir, checkpoint) -> tuple[list[str], dict[str, str]]:
+    """The `loraforge train` arguments of each rank, and what they get in the environment: argv is visible to
+    every user of the machine, so a Hub token goes in the environment only."""
+    from loraforge.config_messages import redacted_override
+    from loraforge.train.launch import HUB_TOKEN_ENV
+
+    sets = [shown for shown in map(redacted_override, args.overrides) if shown is not None]
+    worker = ([args.recipe] if args.recipe else []) + [x for o in sets for x in ("--set", o)]
     worker += ["--output-dir", str(run_dir)] + (["--resume", str(checkpoint)] if checkpoint else [])
-    return launch(devices, worker, say=lambda m: print(m, file=sys.stderr))
+    return worker + permission_flags(args), ({HUB_TOKEN_ENV: cfg.model.hub_token} if cfg.model.hub_token else {})
 
 
 def _run_rank(args, cfg) -> int:
@@ -142,13 +166,14 @@ def _train(args, cfg, ranks, prepared=None) -> int:
         result = run_training(cfg, run_dir, checkpoint, console=console)
         if result is not None and (cfg.samples or cfg.eval.metrics):  # rank 0 only; a sharded model is reloaded
             try:
-                evaluation = evaluate_after_training(cfg, run_dir, console, None if ranks.sharded else result.model)
+                evaluation = evaluate_after_training(cfg, run_dir, console, None if ranks.sharded else result.model,
+                                                     args)
             except Exception as e:
                 if not out_of_memory(e):
                     raise
                 raise UserError(_evaluation_out_of_memory(cfg, result, e)) from None
     except TrainingInterrupted as stop:
-        command = resume_command(args.recipe, args.overrides, run_dir)
+        command = " ".join([resume_command(args.recipe, args.overrides, run_dir), *permission_flags(args)])
         if ranks.collective:
             command += f" --devices {ranks.world}"
         console.print(f"\n{stop}\nResume with: {command}",
@@ -172,7 +197,7 @@ def _train(args, cfg, ranks, prepared=None) -> int:
     console.print(f"\n[bold]done[/bold]: {result.steps} steps, loss {result.first_losses:.3f} (first 10%) -> "
                   f"{result.last_losses:.3f} (last 10%), {result.tokens_per_s:.0f} tokens/s")
     if result.stopped_early:
-        console.print(result.stopped_early)
+        console.print(result.stopped_early, markup=False, soft_wrap=True)
     for warning in result.warnings:  # said when it happened; said again where the run's outcome is read
         console.print(warning, markup=False, soft_wrap=True, style="yellow")
     if evaluation is not None:
@@ -186,7 +211,7 @@ def _train(args, cfg, ranks, prepared=None) -> int:
                   f"data report:            {d / DATA_REPORT_FILE}\n"
                   f"checkpoints:            {d / CHECKPOINT_DIR}"
                   + (f"\neval (base vs tuned):   {d / EVAL_FILE}" if evaluation is not None else "")
-                  + (f"\nreport:                 {report}" if report else ""), soft_wrap=True)
+                  + (f"\nreport:                 {report}" if report else ""), soft_wrap=True, markup=False)
     console.print(next_commands(d), markup=False, soft_wrap=True)
     sys.stdout.flush()
     return 0
@@ -205,16 +230,18 @@ def _evaluation_out_of_memory(cfg: RunConfig, result, error: Exception) -> str:
             f"eval.max_new_tokens, {cfg.eval.max_new_tokens}, also counts)")
 
 
-def evaluate_after_training(cfg: RunConfig, run_dir, console, model) -> dict:
+def evaluate_after_training(cfg: RunConfig, run_dir, console, model, args) -> dict:
+
     """`loraforge eval RUN_DIR` as the run configures it: the base and the tuned model on the same held-out
     rows (loss, `eval.metrics`, the first `samples` answers side by side); eval.json, and the answers in
-    summary.json."""
+    summary.json. The run's eval.metrics are the config's: their code runs with --allow-metric-code only."""
     from loraforge.atomic import write_text_whole
     from loraforge.rundir import SUMMARY_FILE
     from loraforge.evaluate.compare import EvalOptions, evaluate_run
 
-    opts = EvalOptions(metrics=list(cfg.eval.metrics) or ["none"], samples=cfg.samples, rows=cfg.eval.rows,
-                       max_new_tokens=cfg.eval.max_new_tokens)
+    opts = EvalOptions(metrics=[] if cfg.eval.metrics else ["none"], samples=cfg.samples, rows=cfg.eval.rows,
+                       max_new_tokens=cfg.eval.max_new_tokens, trust_remote_code=args.trust_remote_code,
+                       allow_metric_code=args.allow_metric_code)
     say = lambda m: console.print(m, markup=False, soft_wrap=True)  # noqa: E731
 
     def progress(done: int, total: int) -> None:

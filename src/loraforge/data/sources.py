@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from loraforge.data.locate import LineIndex, explain_json_array, explain_jsonl
+from loraforge.config import remote_code_refusal
 from loraforge.errors import UserError, first_line
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -278,7 +279,9 @@ def _load_hub(src, split: str) -> LoadedSource:
     kwargs = {"split": split}
     if src.revision:
         kwargs["revision"] = src.revision
-    if src.trust_remote_code:
+    if src.trust_remote_code:  # allowed only by this command line's --trust-remote-code (the CLI refuses sooner)
+        if not src.remote_code_allowed:
+            raise UserError(remote_code_refusal(f"the data source {src.path}", ["trust_remote_code"]))
         kwargs["trust_remote_code"] = True
     label = f"{src.path}" + (f" ({src.subset})" if src.subset else "") + f" [{split}]"
     try:

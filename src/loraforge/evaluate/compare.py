@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from loraforge.atomic import write_text_whole
 from loraforge.errors import UserError
 from loraforge.evaluate.metrics import Metric, mean_scores, resolve_metrics
-from loraforge.rundir import EVAL_FILE, find_adapter, load_run_config
+from loraforge.rundir import CONFIG_FILE, EVAL_FILE, find_adapter, load_run_config
 
 DEFAULT_TRAIN_ROWS = 64  # rows sampled from the training set when evaluating on it
 SAMPLE_SEED = 0
@@ -157,6 +157,8 @@ class EvalOptions:
     max_new_tokens: int = 128
     batch_size: Optional[int] = None
     adapter: Optional[str] = None
+    trust_remote_code: bool = False  # this command line's --trust-remote-code
+    allow_metric_code: bool = False  # this command line's --allow-metric-code: the config's eval.metrics may run code
 
 
 def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable[[str], None] = print,
@@ -173,7 +175,11 @@ def evaluate_run(run_dir: Path, opts: EvalOptions = EvalOptions(), log: Callable
     run_dir = Path(run_dir)
     started = time.time()
     cfg = load_run_config(run_dir)  # the run may be unfinished: --adapter can name a checkpoint
-    metrics: list[Metric] = resolve_metrics(opts.metrics or cfg.eval.metrics)  # bad --metric fails before any loading
+    cfg.allow_remote_code(opts.trust_remote_code, str(run_dir / CONFIG_FILE))
+    # Named on this command line, or the run's own (whose code runs only with --allow-metric-code); a bad
+    # --metric fails before any loading.
+    metrics: list[Metric] = resolve_metrics(opts.metrics) if opts.metrics else \
+        resolve_metrics(cfg.eval.metrics, from_config=str(run_dir / CONFIG_FILE), allow_code=opts.allow_metric_code)
     if opts.samples < 0 or opts.max_new_tokens <= 0 or (opts.batch_size is not None and opts.batch_size <= 0):
         raise UserError("--samples must be >= 0, --max-new-tokens and --batch-size > 0")
     if opts.rows is not None and opts.rows <= 0:

@@ -94,8 +94,9 @@ class Metric:
         return number
 
 
-def load_callable(spec: str) -> MetricFn:
-    """`package.module:function` or `path/to/file.py:function` -> the function; UserError if it cannot."""
+def load_callable(spec: str, cwd_importable: bool = True) -> MetricFn:
+    """`package.module:function` or `path/to/file.py:function` -> the function; UserError if it cannot.
+    `cwd_importable`: modules may come from the current folder (for a spec the user typed on this command line)."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--metric {spec}: expected a built-in name ({', '.join(BUILTIN)}) or "
@@ -113,7 +114,7 @@ def load_callable(spec: str) -> MetricFn:
             raise UserError(f"--metric {spec}: importing {path} failed: {type(e).__name__}: {e}") from e
     else:
         cwd = str(Path.cwd())
-        added = cwd not in sys.path
+        added = cwd_importable and cwd not in sys.path
         if added:  # the `loraforge` script does not put the working directory on the path
             sys.path.insert(0, cwd)
         try:
@@ -136,20 +137,51 @@ def load_callable(spec: str) -> MetricFn:
     return fn
 
 
-def resolve_metrics(specs) -> list[Metric]:
-    """Metric names/specs (comma-separated allowed) -> Metric objects; `none` -> no task metrics."""
+# loraforge's own metric functions, run from any config like the built-ins. Only these: other loraforge functions
+# called as metric(prediction, reference, row) could do harm with a model's answer as their first argument.
+PACKAGED = ("loraforge.evaluate.sql:execution_match",)
+ALLOW_FLAG = "--allow-metric-code"
+
+
+def _names(specs) -> list[str]:
     names: list[str] = []
     for spec in specs or DEFAULT_METRICS:
         names += [s.strip() for s in str(spec).split(",") if s.strip()]
+    return list(dict.fromkeys(names))
+
+
+def metric_code(specs) -> list[str]:
+    """The specs that name code of their own (a file or a module), other than loraforge's PACKAGED metrics."""
+    return [n for n in _names(specs) if ALIASES.get(n, n) not in BUILTIN and ":" in n and n not in PACKAGED]
+
+
+def check_metric_code(specs, source: str, allowed: bool, alternative: str = "") -> None:
+    """Refuse metric code named in a file (`source`: a run's or recipe's config) unless this command line allows
+    it (`allowed`: --allow-metric-code); `alternative` adds another way to allow it."""
+    named = metric_code(specs)
+    if named and not allowed:
+        raise UserError(f"refused to run metric code named in {source}: eval.metrics names {', '.join(named)}, "
+                        "which is neither a built-in metric nor one of loraforge's, and code named in a file runs only "
+                        f"when the command line asks. If you have read it and trust it, add {ALLOW_FLAG}{alternative}")
+
+
+def resolve_metrics(specs, from_config: Optional[str] = None, allow_code: bool = False) -> list[Metric]:
+    """Metric names/specs (comma-separated allowed) -> Metric objects; `none` -> no task metrics.
+
+    `from_config`: the file the specs come from when the user did not type them on this command line; its
+    metric code then runs only with `allow_code`, and never from the current folder."""
+    names = _names(specs)
     if any(n.lower() == "none" for n in names):
         return []
+    if from_config is not None:
+        check_metric_code(names, from_config, allow_code, " (or name it yourself: --metric SPEC)")
     out: list[Metric] = []
-    for name in dict.fromkeys(names):
+    for name in names:
         key = ALIASES.get(name, name)
         if key in BUILTIN:
             out.append(Metric(key, BUILTIN[key]))
         elif ":" in name:
-            out.append(Metric(name, load_callable(name)))
+            out.append(Metric(name, load_callable(name, cwd_importable=from_config is None)))
         else:
             import difflib
 

@@ -38,8 +38,25 @@ def schema_statements(row: dict) -> list[str]:
     return [m.group(0) for t in texts for m in _SCHEMA.finditer(t or "")]
 
 
+# The queries only read: a model's answer (or a data row) such as `VACUUM INTO '/some/path'` or `ATTACH` would
+# otherwise write files, and this metric runs from any config (evaluate/metrics.py PACKAGED).
+_READ_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, 33}  # 33: SQLITE_RECURSIVE
+MAX_STEPS = 20_000_000  # SQLite VM steps per query (a fraction of a second to a few seconds): no endless queries
+
+
+def _read_only(action, *_) -> int:
+    return sqlite3.SQLITE_OK if action in _READ_ACTIONS else sqlite3.SQLITE_DENY
+
+
 def _run(conn: sqlite3.Connection, sql: str) -> list[tuple]:
-    return conn.execute(sql).fetchall()
+    steps = iter(range(MAX_STEPS // 1000))
+    conn.set_progress_handler(lambda: next(steps, None) is None, 1000)  # a true result interrupts the query
+    conn.set_authorizer(_read_only)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.set_authorizer(None)
+        conn.set_progress_handler(None, 0)
 
 
 def execution_match(prediction: str, reference: str, row: dict, database: Optional[str] = None) -> Optional[float]:

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from loraforge.errors import UserError
+from loraforge.errors import UserError, first_line
 from loraforge.export import GGUF_LLAMA_CPP_TYPES, GGUF_TYPES
 from loraforge.export.gguf_vocab import (added_special_tokens, end_of_turn_id, space_after_special, special_vocab,
                                          vocabulary)
@@ -231,33 +231,40 @@ def quantize_with_llama_cpp(source: Path, out: Path, out_type: str) -> None:
         raise RuntimeError(f"llama.cpp's quantizer failed ({status}) writing {out_type}; this is a bug in loraforge")
 
 
-def load_merged_folder(folder: Path, dtype: torch.dtype = torch.float32):
-    """A merged checkpoint folder (e.g. from `loraforge merge`) as a Merged, architecture checked before loading."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_merged_folder(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A merged checkpoint folder (e.g. from `loraforge merge`) as a Merged, architecture checked before loading;
+    code named in it (auto_map) runs only with `trust_remote_code` (the command line's flag)."""
+    from transformers import AutoModelForCausalLM
 
     from loraforge.config import ModelSettings
     from loraforge.data.templates import template_from_record
     from loraforge.export.merge import Merged
-    from loraforge.model.load import load_tokenizer
+    from loraforge.model.load import load_model_config, load_tokenizer
     from loraforge.rundir import TEMPLATE_FILE
 
-    check_architecture(AutoConfig.from_pretrained(folder), str(folder))
-    tokenizer = load_tokenizer(ModelSettings(base=str(folder)), str(folder))
+    settings = ModelSettings(base=str(folder))
+    settings._remote_code_allowed = trust_remote_code  # the folder has no config that could ask: the flag decides
+    check_architecture(load_model_config(settings, str(folder)), str(folder))
+    tokenizer = load_tokenizer(settings, str(folder))
     record_path = folder / TEMPLATE_FILE
     template = template_from_record(json.loads(record_path.read_text()), tokenizer) if record_path.is_file() else None
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": "cpu"}, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # e.g. pickled weights only: loraforge loads safetensors
+        raise UserError(f"export gguf: could not load the weights of {folder}: {first_line(e)}") from e
     return Merged(model=model, tokenizer=tokenizer, template=template, tokenizer_dir=folder,
                   name=folder.resolve().name)
 
 
-def export_gguf(source, out, out_type: str = "f16", force: bool = False) -> GGUFResult:
-    """`loraforge export gguf`: a run directory (merged in memory, in float32) or a merged folder -> `out`."""
-    from transformers import AutoConfig
-
+def export_gguf(source, out, out_type: str = "f16", force: bool = False, trust_remote_code: bool = False) -> GGUFResult:
+    """`loraforge export gguf`: a run directory (merged in memory, in float32) or a merged folder -> `out`. Code
+    shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     from loraforge.export.merge import merge_run
     from loraforge.atomic import written_whole
     from loraforge.export.paths import check_output
-    from loraforge.model.load import resolve_base
+    from loraforge.infer.session import allow_run_code
+    from loraforge.model.load import load_model_config
     from loraforge.rundir import CONFIG_FILE, read_run
 
     source = Path(source)
@@ -265,10 +272,11 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False) -> GGUF
         raise UserError(f"--type {out_type}: choose one of {', '.join(GGUF_TYPES)}")
     if (source / "config.json").is_file() and not (source / CONFIG_FILE).is_file():
         out = check_output(out, force)
-        merged = load_merged_folder(source)
+        merged = load_merged_folder(source, trust_remote_code=trust_remote_code)
     else:
         info = read_run(source, finished=True)
-        check_architecture(AutoConfig.from_pretrained(resolve_base(info.cfg.model)), f"the base of {source}")
+        allow_run_code(info, trust_remote_code)
+        check_architecture(load_model_config(info.cfg.model), f"the base of {source}")
         out = check_output(out, force)
         merged = merge_run(info, torch.float32)
     with written_whole(out) as tmp:

@@ -11,7 +11,7 @@ import torch
 
 from loraforge.errors import UserError
 from loraforge.export import MERGE_DTYPES
-from loraforge.infer.session import load_run_template, load_run_tokenizer
+from loraforge.infer.session import allow_run_code, check_adapter_code, load_run_template, load_run_tokenizer
 from loraforge.rundir import TEMPLATE_FILE, Run, read_run
 
 
@@ -34,15 +34,15 @@ def quantized_note(info: Run, dtype: torch.dtype) -> Optional[str]:
             "training: outputs differ slightly from the quantized adapter run")
 
 
-def resolve_merge_dtype(name: str, base: str) -> torch.dtype:
+def resolve_merge_dtype(name: str, info: Run) -> torch.dtype:
     """`auto`: the dtype the base checkpoint was saved in (float32 when it does not say)."""
-    from transformers import AutoConfig
+    from loraforge.model.load import load_model_config
 
     if name not in MERGE_DTYPES:
         raise UserError(f"--dtype {name}: choose one of {', '.join(MERGE_DTYPES)}")
     if name != "auto":
         return getattr(torch, name)
-    saved = getattr(AutoConfig.from_pretrained(base), "dtype", None)
+    saved = getattr(load_model_config(info.cfg.model), "dtype", None)
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
     return saved if saved in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
@@ -60,6 +60,7 @@ def merge_run(info: Run, dtype: torch.dtype) -> Merged:
 
     settings = info.cfg.model.model_copy(update={"quantization": "none", "attention": "sdpa"})
     base = resolve_base(settings)
+    check_adapter_code(info.adapter_dir, settings.remote_code_allowed)
     tokenizer = load_run_tokenizer(info)
     template = load_run_template(info, tokenizer)
     model = load_base_model(settings, dtype, "cpu", base, quantize=False)
@@ -101,15 +102,17 @@ def sentencepiece_file(model_dir) -> Optional[Path]:
     return Path(found) if found else None
 
 
-def merge_to_folder(run_dir, out, dtype_name: str = "auto", force: bool = False) -> tuple[Path, Merged, torch.dtype]:
-    """`loraforge merge`: check everything, merge, and write `out` whole (it appears only when complete)."""
+def merge_to_folder(run_dir, out, dtype_name: str = "auto", force: bool = False,
+                    trust_remote_code: bool = False) -> tuple[Path, Merged, torch.dtype]:
+    """`loraforge merge`: check everything, merge, and write `out` whole (it appears only when complete). Code
+    shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     from loraforge.atomic import written_whole
     from loraforge.export.paths import check_output
-    from loraforge.model.load import resolve_base
 
     info = read_run(run_dir, finished=True)
+    allow_run_code(info, trust_remote_code)
     out = check_output(out, force)
-    dtype = resolve_merge_dtype(dtype_name, resolve_base(info.cfg.model))
+    dtype = resolve_merge_dtype(dtype_name, info)
     merged = merge_run(info, dtype)
     with written_whole(out, folder=True) as tmp:
         save_merged(merged, tmp, info.template_record)

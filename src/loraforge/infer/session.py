@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from loraforge.config import ModelSettings, RunConfig
+from loraforge.config import TRUST_FLAG, ModelSettings, RunConfig
 from loraforge.errors import UserError, first_line
-from loraforge.rundir import Run, check_adapter, read_run
+from loraforge.rundir import CONFIG_FILE, Run, check_adapter, read_run
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +68,8 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
     device = device or select_device()
     settings, dtype = inference_settings(cfg.model, device)
     base = resolve_base(settings)
+    if adapter_dir is not None:
+        check_adapter_code(adapter_dir, cfg.model.remote_code_allowed)
     model = load_base_model(settings, dtype, device, base)
     if adapter_dir is not None:
         check_adapter(adapter_dir)
@@ -81,10 +83,31 @@ def load_run_model(cfg: RunConfig, adapter_dir: Optional[Path], device: Optional
     return model, base, device
 
 
+def check_adapter_code(adapter_dir: Path, allowed: bool) -> None:
+    """PEFT imports the module an adapter config names in `megatron_core` when `megatron_config` is set (PEFT
+    allows only `megatron.*` names; loraforge never writes them): such an adapter needs --trust-remote-code."""
+    from loraforge.rundir import ADAPTER_CONFIG, read_json
+
+    config = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
+    if isinstance(config, dict) and config.get("megatron_config") and not allowed:
+        raise UserError(f"refused to run code named by the adapter: {Path(adapter_dir) / ADAPTER_CONFIG} sets "
+                        f"megatron_config, for which PEFT imports the module megatron_core names "
+                        f"({str(config.get('megatron_core'))[:80]!r}). If you trust it, add {TRUST_FLAG} to this "
+                        "command")
+
+
+def allow_run_code(info: Run, allowed: bool) -> RunConfig:
+    """The run's config with this command line's --trust-remote-code applied (refused here, before anything
+    loads, when the run's config.yaml asks for remote code without it)."""
+    return info.cfg.allow_remote_code(allowed, str(info.run_dir / CONFIG_FILE))
+
+
 def load_session(run_dir, *, base_only: bool = False, system: Optional[str] = None,
-                 device: Optional[str] = None) -> Session:
-    """The run's base model quantized as in training, with the adapter applied unless `base_only`."""
+                 device: Optional[str] = None, trust_remote_code: bool = False) -> Session:
+    """The run's base model quantized as in training, with the adapter applied unless `base_only`;
+    code shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     info = read_run(run_dir, finished=True)
+    allow_run_code(info, trust_remote_code)
     tokenizer = load_run_tokenizer(info)
     template = load_run_template(info, tokenizer, system)
     model, base, device = load_run_model(info.cfg, None if base_only else info.adapter_dir, device)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from loraforge.config import ModelSettings
+from loraforge.config import TRUST_FLAG, ModelSettings, remote_code_refusal
 from loraforge.errors import UserError, first_line
 from loraforge.model import smollm2, tiny
 
@@ -53,11 +53,31 @@ def resolve_base(cfg: ModelSettings) -> str:
 
 
 def _hub_kwargs(cfg: ModelSettings) -> dict:
+    """Hub options for every from_pretrained. Code shipped with the model runs only when this command line said
+    --trust-remote-code (cfg.remote_code_allowed); `trust_remote_code` is always passed, as transformers asks
+    on stdin when it is left out."""
+    if cfg.trust_remote_code and not cfg.remote_code_allowed:  # the CLI refuses sooner; this is the backstop
+        raise UserError(remote_code_refusal("the config", ["model.trust_remote_code"]))
     token = cfg.hub_token or os.environ.get("HF_TOKEN") or None
-    return dict(revision=cfg.revision, token=token, trust_remote_code=cfg.trust_remote_code)
+    return dict(revision=cfg.revision, token=token, trust_remote_code=cfg.remote_code_allowed)
+
+
+def load_model_config(cfg: ModelSettings, base: Optional[str] = None):
+    """The base's transformers config (config.json), under the same rules as its weights."""
+    from transformers import AutoConfig
+
+    base = base or resolve_base(cfg)
+    try:
+        return AutoConfig.from_pretrained(base, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _explain_load_failure("config", base, e) from e
 
 
 def _explain_load_failure(what: str, base: str, err: Exception) -> UserError:
+    if "trust_remote_code" in str(err):  # transformers' refusal of a folder's auto_map
+        return UserError(f"refused to run code shipped with '{base}': its {what} names its own Python code "
+                         f"(auto_map), which loraforge runs only when the command line asks. If you have read that "
+                         f"code and trust it, add {TRUST_FLAG} to this command")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     hint = ("HF_HUB_OFFLINE=1 is set, so only cached models load" if offline
             else "check the name, your connection, and HF_TOKEN for gated models")

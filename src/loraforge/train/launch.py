@@ -17,10 +17,22 @@ import uuid
 
 STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT}
 SHUTDOWN_TIMEOUT_S = 600  # after a SIGTERM, how long the ranks may take to finish the step and checkpoint
+# The Hub token of `--set model.hub_token` for the ranks: any user of the machine can read a process's argv,
+# only its owner its environment.
+HUB_TOKEN_ENV = "LORAFORGE_HUB_TOKEN"
 
 
-def launch(devices: int, worker_args: list[str], say) -> int:
-    """Run `python -m loraforge train WORKER_ARGS` on `devices` ranks; return the exit status for the CLI."""
+def take_hub_token(cfg) -> None:
+    """In a rank: the token the launcher handed over (HUB_TOKEN_ENV) becomes model.hub_token; the variable is
+    removed, so nothing this rank starts inherits it."""
+    token = os.environ.pop(HUB_TOKEN_ENV, None)
+    if token and not cfg.model.hub_token:
+        cfg.model.hub_token = token
+
+
+def launch(devices: int, worker_args: list[str], say, env: dict[str, str] | None = None) -> int:
+    """Run `python -m loraforge train WORKER_ARGS` on `devices` ranks, with `env` added to their environment;
+    return the exit status for the CLI."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -36,6 +48,7 @@ def launch(devices: int, worker_args: list[str], say) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=devices, run_id=f"loraforge-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                           **grace)
+    os.environ.update(env or {})  # the ranks inherit this process's environment
     try:
         elastic_launch(config, sys.executable)("-m", "loraforge", "train", *worker_args)
         return 0
@@ -55,3 +68,6 @@ def launch(devices: int, worker_args: list[str], say) -> int:
         say(f"training failed: rank {rank} of {devices} {how}; the other ranks were stopped. The newest complete "
             "checkpoint (if any) is intact: rerun with --resume to continue from it")
         return 1
+    finally:
+        for name in env or {}:
+            os.environ.pop(name, None)

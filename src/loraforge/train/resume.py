@@ -150,18 +150,17 @@ def discard_if_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-SECRET_KEYS = ("model.hub_token",)
-
-
 def resume_command(recipe: Optional[str], overrides: list[str], run_dir: Path) -> str:
-    """The command that continues this run: the same recipe and --set flags (secrets left out;
-    they come from HF_TOKEN or a new --set), and --resume RUN_DIR."""
+    """The command that continues this run: the same recipe and --set flags (secrets left out, also from a
+    section set whole; they come from HF_TOKEN or a new --set), and --resume RUN_DIR."""
     import shlex
+
+    from loraforge.config_messages import redacted_override
 
     parts = ["loraforge", "train"] + ([shlex.quote(recipe)] if recipe else [])
     for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if key in SECRET_KEYS or key == "output_dir":
+        shown = redacted_override(text)
+        if shown is None or shown.split("=", 1)[0].strip() == "output_dir":
             continue
-        parts += ["--set", shlex.quote(text)]
+        parts += ["--set", shlex.quote(shown)]
     return " ".join(parts + ["--resume", shlex.quote(str(run_dir))])

@@ -18,7 +18,8 @@ from loraforge.atomic import write_text_whole
 from loraforge.evaluate.report.markup import escape
 from loraforge.evaluate.report.sections import (config_section, curves_section, data_section, environment_section,
                                                 eval_section, overview, train_samples_section)
-from loraforge.rundir import CONFIG_FILE, REPORT_FILE, read_run
+from loraforge.rundir import (CONFIG_FILE, DATA_REPORT_FILE, EVAL_FILE, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
+                              TEMPLATE_FILE, read_run)
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +38,9 @@ def build_report(run_dir: Path) -> str:
         cfg = yaml.safe_load(run.config_text) or {}
     except yaml.YAMLError:
         cfg = {}
+    if not isinstance(cfg, dict):
+        cfg = {}
+    data_cfg = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     title = f"loraforge run {run_dir.resolve().name}"
     description = str(cfg.get("description") or "").strip()
     state = "finished" if run.summary else "in progress or stopped (no summary.json yet)"
@@ -48,18 +52,28 @@ def build_report(run_dir: Path) -> str:
         '<nav><a href="#eval">evaluation</a><a href="#training">training</a><a href="#data">data</a>'
         '<a href="#samples">samples</a><a href="#environment">hardware</a><a href="#config">config</a></nav>',
         "</header>",
-        overview(run),
-        eval_section(run.eval_result, run_dir),
-        curves_section(run.metrics),
-        data_section(run.data_report, run_dir, (cfg.get("data") or {}).get("max_length")),
-        train_samples_section(run.summary),
-        environment_section(run.summary),
-        config_section(run),
+        drawn(overview, "summary.json, eval.json", run),
+        drawn(eval_section, EVAL_FILE, run.eval_result, run_dir),
+        drawn(curves_section, METRICS_FILE, run.metrics),
+        drawn(data_section, DATA_REPORT_FILE, run.data_report, run_dir, data_cfg.get("max_length")),
+        drawn(train_samples_section, SUMMARY_FILE, run.summary),
+        drawn(environment_section, SUMMARY_FILE, run.summary),
+        drawn(config_section, TEMPLATE_FILE, run),
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{escape(title)}</title><style>\n{styles()}</style></head>\n<body><main>\n"
             + "\n".join(p for p in body if p) + "\n</main></body></html>\n")
+
+
+def drawn(section, source: str, *inputs) -> str:
+    """One section's HTML; a run folder's file of an unexpected shape (hand-edited, another version, or made to
+    harm) leaves that section out with a note naming it, and the rest of the report still builds."""
+    try:
+        return section(*inputs)
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
+        return (f'<p class="warn">{escape(source)}: unexpected content ({escape(type(e).__name__)}: '
+                f'{escape(str(e)[:200])}); this part of the report is left out.</p>')
 
 
 def write_report(run_dir: Path) -> Path:

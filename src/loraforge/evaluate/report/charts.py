@@ -81,9 +81,12 @@ def throughput_chart(metrics: list[dict]) -> Optional[str]:
 
 def histogram_chart(hist: dict, max_length: Optional[int]) -> Optional[str]:
     """A length histogram from data_report.json's {bin_edges, counts}."""
+    from loraforge.evaluate.report.markup import number
+
     edges, counts = hist.get("bin_edges") or [], hist.get("counts") or []
-    if len(edges) != len(counts) + 1 or not any(counts):
-        return None
+    if len(edges) != len(counts) + 1 or not any(counts) or None in map(number, [*edges, *counts]):
+        return None  # also a hand-edited file: only numbers are drawn
+    max_length = number(max_length)
     fig = new_figure(height=3.0)
     ax = fig.add_subplot()
     ax.stairs(counts, edges, fill=True, alpha=0.6, color="#2f6fde", label="rows")

@@ -10,6 +10,13 @@ def escape(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def number(value: Any) -> Optional[float]:
+    """`value` if it is a finite number, else None: a run folder's files may hold anything where a number belongs."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "–"
@@ -61,8 +68,9 @@ def card(key: str, value: str, note: str = "") -> str:
     return f'<div class="card"><div class="k">{escape(key)}</div><div class="v">{escape(value)}</div>{n}</div>'
 
 
-def delta(base: Optional[float], tuned: Optional[float], lower_is_better: bool) -> Raw:
-    if base is None or tuned is None or not (math.isfinite(base) and math.isfinite(tuned)):
+def delta(base: Any, tuned: Any, lower_is_better: bool) -> Raw:
+    base, tuned = number(base), number(tuned)
+    if base is None or tuned is None:
         return Raw("–")
     d = tuned - base
     if d == 0:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from loraforge.config import key_paths
 from loraforge.evaluate.report.charts import histogram_chart, loss_chart, throughput_chart
-from loraforge.evaluate.report.markup import card, delta, escape, figure, fmt, table
+from loraforge.evaluate.report.markup import card, delta, escape, figure, fmt, number, table
 from loraforge.rundir import DATA_REPORT_CHART, Run
 
 
@@ -33,16 +33,16 @@ def overview(run: Run) -> str:
         r = ev["loss"]["responses"]
         cards.append(card("eval loss base → tuned", f"{fmt(r['base']['loss'], 3)} → {fmt(r['tuned']['loss'], 3)}",
                            f"{ev.get('rows')} rows, {ev.get('split')} split"))
-    if s.get("tokens_per_s"):
+    rates = [number(r.get("tokens_per_s")) for r in steps]
+    if number(s.get("tokens_per_s")):
         cards.append(card("tokens / s", fmt(round(s["tokens_per_s"])), "mean over training"))
-    elif steps:
-        cards.append(card("tokens / s", fmt(round(sum(r["tokens_per_s"] for r in steps) / len(steps))),
-                           "mean over logged steps"))
-    if s.get("trainable_parameters"):
-        t, total = s["trainable_parameters"], s.get("total_parameters") or 0
+    elif steps and None not in rates:
+        cards.append(card("tokens / s", fmt(round(sum(rates) / len(rates))), "mean over logged steps"))
+    if number(s.get("trainable_parameters")):
+        t, total = s["trainable_parameters"], number(s.get("total_parameters")) or 0
         cards.append(card("trainable parameters", f"{t:,}", f"{100 * t / total:.2f}% of {total:,}" if total else ""))
     env = s.get("environment") or {}
-    peak = env.get("peak_gpu_memory_gib") or env.get("peak_host_memory_gib")
+    peak = number(env.get("peak_gpu_memory_gib")) or number(env.get("peak_host_memory_gib"))
     if peak:
         cards.append(card("peak memory", f"{peak:.2f} GiB", "GPU, allocated" if env.get("peak_gpu_memory_gib")
                            else "host RAM (resident), whole process"))
@@ -79,8 +79,8 @@ def eval_section(ev: Optional[dict], run_dir: Path) -> str:
     if metrics:
         mrows = [[name, v.get("base"), v.get("tuned"), delta(v.get("base"), v.get("tuned"), False), v.get("rows")]
                  for name, v in metrics.items()]
-        parts.append(f'<h3>Task metrics on generated answers ({ev.get("metric_rows")} rows with references, '
-                     f'greedy, up to {(ev.get("settings") or {}).get("max_new_tokens")} new tokens)</h3>')
+        parts.append(f'<h3>Task metrics on generated answers ({escape(ev.get("metric_rows"))} rows with references, '
+                     f'greedy, up to {escape((ev.get("settings") or {}).get("max_new_tokens"))} new tokens)</h3>')
         parts.append(table(mrows, ["metric", "base", "fine-tuned", "change", "rows"], "eval-metrics"))
         if ev.get("metric_note"):
             parts.append(f'<p class="note">{escape(ev["metric_note"])}</p>')
@@ -189,10 +189,10 @@ def environment_section(summary: Optional[dict]) -> str:
             ["GPUs", ", ".join(env.get("gpus") or []) or "none"],
             ["CUDA", env.get("cuda") or "–"],
             ["Python", env.get("python")], ["platform", env.get("platform")]]
-    if env.get("peak_gpu_memory_gib") is not None:
-        rows.append(["peak GPU memory (allocated)", f"{env['peak_gpu_memory_gib']:.3f} GiB"])
-    if env.get("peak_host_memory_gib") is not None:
-        rows.append(["peak host memory (resident)", f"{env['peak_host_memory_gib']:.3f} GiB"])
+    for key, label in (("peak_gpu_memory_gib", "peak GPU memory (allocated)"),
+                       ("peak_host_memory_gib", "peak host memory (resident)")):
+        if env.get(key) is not None:
+            rows.append([label, f"{env[key]:.3f} GiB" if number(env[key]) is not None else env[key]])
     rows += [[name, version or "not installed"] for name, version in (env.get("versions") or {}).items()]
     return (f'<h2 id="environment">Hardware and libraries</h2><p class="sub">{escape(note)}.</p>'
             + table(rows, None, "environment", numeric=False))
