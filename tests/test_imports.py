@@ -21,7 +21,7 @@ LAYERS = [
     {"data", "model"},
     {"rundir"},  # the run directory's layout and reading, for every stage
     {"config"},
-    {"config_messages"},  # how validation errors read (config.py keeps the schema)
+    {"config_messages", "config_rules"},  # how validation errors read; rules between keys (config.py keeps the schema)
     {"atomic", "environment", "__init__"},
     {"errors"},  # UserError: any module may raise one, atomic.py included (a full disk is the user's to fix)
 ]
