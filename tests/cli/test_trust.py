@@ -190,7 +190,7 @@ def metric_run(short_run, tmp_path_factory):
     """A finished run whose config.yaml names a metric file shipped in the folder (as a path and as a module)."""
     work = tmp_path_factory.mktemp("metric")
     run = work / "run"
-    shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    shutil.copytree(short_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "eval.json"))
     marker = work / "marker"
     (run / "checks.py").write_text(METRIC.format(marker=str(marker)))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
