@@ -10,7 +10,8 @@ def register(sub) -> None:
         description="Write RUN_DIR/report.html from the files in the run directory: resolved config, hardware and "
         "library versions, data report, loss/eval/learning-rate curves, tokens/s, trainable parameters, and "
         "the eval table and answers when `loraforge eval` has been run. Self-contained: one HTML file with "
-        "inline CSS and images, no JavaScript. Works on a run that is still training or was stopped.")
+        "inline CSS and images, no JavaScript. Works on a stopped or finished run; while another command writes "
+        "into the run (train, eval), it is refused: the run writes its own report when training ends.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loraforge train`")
     p.add_argument("--open", action="store_true", help="open the report in the default web browser")
     p.set_defaults(handler=run)
@@ -26,7 +27,10 @@ REPORT_INPUTS = (SUMMARY_FILE, METRICS_FILE, DATA_REPORT_FILE, TEMPLATE_FILE, EV
 def run(args) -> int:
     from loraforge.evaluate.report import write_report
 
+    from loraforge.ownership import lock_run_folder
+
     check_config_file(Path(args.run_dir))
+    lock_run_folder(Path(args.run_dir), "loraforge report")  # one writer: not while training or eval writes it
     try:
         path = write_report(Path(args.run_dir))
     except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:
