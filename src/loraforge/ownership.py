@@ -125,7 +125,8 @@ def _describe_holder(info: Optional[dict]) -> str:
         same_day = time.strftime("%Y-%m-%d", when) == time.strftime("%Y-%m-%d")
         since = ", since " + time.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M", when)
     command = info.get("command") if isinstance(info.get("command"), str) else "loraforge"
-    return f"PID {info['pid']} ({command[:80]}{since})"
+    command = "".join(c for c in command if c.isprintable())[:80]  # the file is data: no terminal escapes
+    return f"PID {info['pid']} ({command}{since})"
 
 
 def lock_run_folder(run_dir, command: str) -> None:

@@ -252,3 +252,10 @@ def test_a_failed_train_removes_the_parent_folders_it_created(capsys, tmp_path):
     status, err = cli(capsys, "train", "tiny", *ONE_STEP, "--set", "data.max_length=9", "--output-dir", str(run_dir))
     assert_user_error(status, err, "every training row was dropped")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not any((tmp_path / "runs").iterdir())
+    # A folder that was there (here reached through a link) stays, as empty as it was: no marker, no lock.
+    (tmp_path / "disk" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "link").symlink_to(tmp_path / "disk" / "mine")
+    status, err = cli(capsys, "train", "tiny", *ONE_STEP, "--set", "data.max_length=9",
+                      "--output-dir", str(tmp_path / "runs" / "link"))
+    assert_user_error(status, err, "every training row was dropped")
+    assert (tmp_path / "disk" / "mine").is_dir() and not any((tmp_path / "disk" / "mine").iterdir())

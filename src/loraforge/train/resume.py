@@ -194,7 +194,7 @@ def discard_if_unstarted(run_dir: Path) -> None:
     it made - the folder and the parents it created, or, in a folder that was there (empty, or emptied by
     --overwrite), what it wrote - so that fixing the mistake and running the same command again works."""
     run_dir = Path(run_dir)
-    if run_dir.is_symlink() or not run_dir.is_dir() or not is_unstarted(run_dir):
+    if not run_dir.is_dir() or not is_unstarted(run_dir):
         return
     created = _created_folders.pop(os.path.realpath(run_dir), [])
     if created:
@@ -203,7 +203,7 @@ def discard_if_unstarted(run_dir: Path) -> None:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         return
-    for path in Path(run_dir).iterdir():
+    for path in run_dir.iterdir():  # all of it this run's: a folder with anything else was refused or emptied
         with contextlib.suppress(OSError):
             _remove(path)
 
