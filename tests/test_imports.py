@@ -20,6 +20,7 @@ LAYERS = [
     {"train"},
     {"data", "model"},
     {"rundir"},  # the run directory's layout and reading, for every stage
+    {"ownership"},  # what loraforge made (the marker --overwrite/--force need) and the run folder's one-writer lock
     {"config"},
     {"config_messages", "config_rules"},  # how validation errors read; rules between keys (config.py keeps the schema)
     {"atomic", "environment", "__init__"},

@@ -59,11 +59,12 @@ def signals_deferred():
 
 
 def replace(tmp: Path, final: Path) -> None:
-    """Move the complete `tmp` to `final`, swapping an existing `final` out first (a rename cannot
-    replace a non-empty folder), with signals held between the two renames."""
+    """Move the complete `tmp` to `final`. A file replaces a file in one rename (there is no moment without
+    one); an existing folder is swapped out first (a rename cannot replace a non-empty folder), with signals
+    held between the two renames."""
     with signals_deferred():
         old = None
-        if final.exists() or final.is_symlink():
+        if (final.is_dir() and not final.is_symlink()) or (tmp.is_dir() and (final.exists() or final.is_symlink())):
             old = final.with_name(f".trash-{final.name}-{os.getpid()}")
             _remove(old)
             os.replace(final, old)
@@ -100,9 +101,11 @@ def as_os_error(e: BaseException, folder: Path) -> OSError | None:
 
 
 @contextlib.contextmanager
-def written_whole(final, folder: bool = False):
+def written_whole(final, folder: bool = False, before_replace=None):
     """`with written_whole(path) as tmp:` write `tmp` (a file, or a folder if `folder`); it becomes
-    `path` only when the block completes. On any error the partial `tmp` is removed."""
+    `path` only when the block completes. On any error the partial `tmp` is removed. `before_replace()`,
+    if given, runs just before the swap and may refuse it by raising (what is there may have changed
+    while the new content was made)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
@@ -112,6 +115,8 @@ def written_whole(final, folder: bool = False):
             tmp.mkdir()
         yield tmp
         _fsync(tmp)
+        if before_replace is not None:
+            before_replace()
         replace(tmp, final)
     except BaseException as e:
         disk = as_os_error(e, final.parent)

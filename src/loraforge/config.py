@@ -364,4 +364,7 @@ def key_paths(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.saved_dict(), sort_keys=False))
+    """config.yaml, written whole (a kill mid-write leaves the old file or none, never half of one)."""
+    from loraforge.atomic import write_text_whole
+
+    write_text_whole(path, yaml.safe_dump(cfg.saved_dict(), sort_keys=False))

@@ -11,6 +11,8 @@
     summary.json         written when training ends
     eval.json            written by `loraforge eval`
     report.html          written by `loraforge report` (and at the end of train and eval)
+    .loraforge           the ownership marker: `train --overwrite` empties only a folder that has it
+    .loraforge.lock(.json)  the one-writer lock, held by train/eval/report while they write (and its holder)
 
 Nothing here loads a model: `read_run` checks the folder and reads its small files on demand.
 """
@@ -52,9 +54,6 @@ CHECKPOINT_FILES = (CHECKPOINT_ADAPTER_WEIGHTS, f"{ADAPTER_DIR}/{ADAPTER_CONFIG}
                     CHECKPOINT_SCHEDULER_FILE, CHECKPOINT_RNG_FILE, CHECKPOINT_STATE_FILE)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
 
-# Files a run writes before its first step; a folder holding only these has nothing to lose.
-RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, ADAPTER_DIR, SUMMARY_FILE)
-
 
 # --- checking and reading --------------------------------------------------------------------
 
@@ -71,11 +70,6 @@ def check_run_dir(run_dir) -> Path:
         raise UserError(f"{run_dir} has no config.yaml, so it is not a loraforge run directory (or training "
                         "failed before it started); give the folder `loraforge train` wrote")
     return run_dir
-
-
-def looks_like_run_dir(path: Path) -> bool:
-    """Whether `path` holds anything a run writes (used before deleting or replacing a folder)."""
-    return any((Path(path) / name).exists() for name in RUN_MARKERS)
 
 
 def load_run_config(run_dir) -> RunConfig:

@@ -167,10 +167,12 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tmp_path):
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("precious")
+    (folder / "config.yaml").write_text("mine: true\n")  # a config.yaml alone does not make it a run
+    before = snapshot(folder)
     status, err = cli(capsys, "train", "tiny", *FAST, "--overwrite", "--output-dir", str(folder))
-    assert_user_error(status, err, f"--overwrite: {folder} does not look like a loraforge run directory",
+    assert_user_error(status, err, f"--overwrite: {folder} was not made by `loraforge train` (no .loraforge marker",
                       "not deleted")
-    assert (folder / "chapter1.tex").read_text() == "precious"
+    assert snapshot(folder) == before
 
 
 def test_resume_without_a_checkpoint(capsys, tmp_path):

@@ -20,6 +20,10 @@ def test_existing_outputs_are_refused_unless_forced(short_run, tmp_path):
         assert "Traceback" not in result.stderr
     assert (taken_dir / "keep.txt").read_text() == "mine" and taken_file.read_text() == "mine"
 
+    refused = run_cli("export", "gguf", str(short_run), "--out", str(taken_file), "--type", "f32", "--force")
+    assert refused.returncode == 2 and "is not a GGUF file" in refused.stderr, refused.stderr
+    assert taken_file.read_text() == "mine", "--force replaces only a GGUF file"
+    taken_file.write_bytes(b"GGUF" + bytes(60))  # an older export
     forced = run_cli("export", "gguf", str(short_run), "--out", str(taken_file), "--type", "f32", "--force")
     assert forced.returncode == 0, forced.stderr
     assert taken_file.read_bytes()[:4] == b"GGUF"

@@ -156,3 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(e).__name__}: {e}\nThis looks like a bug in loraforge; "
               "rerun with --debug for the traceback and report it.", file=sys.stderr)
         return 1
+    finally:  # the command is over: its run folders are free for the next writer
+        from loraforge.ownership import release_run_locks
+
+        release_run_locks()

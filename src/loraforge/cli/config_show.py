@@ -34,7 +34,7 @@ def run_show(args) -> int:
     from loraforge.atomic import write_text_whole
     from loraforge.export.paths import check_output
 
-    path = check_output(args.out, args.force)
+    path = check_output(args.out, args.force, command="loraforge config show")
     write_text_whole(path, text)
     print(f"config: {path}")
     return 0

@@ -112,6 +112,10 @@ def run_inspect(args) -> int:
         from loraforge.atomic import check_writable
 
         check_writable(out / "data_report.json", "--out")
+        if (out / CONFIG_FILE).is_file():  # a run folder: one writer at a time
+            from loraforge.ownership import lock_run_folder
+
+            lock_run_folder(out, "loraforge data inspect")
     console = Console(highlight=False)
     tokenizer = load_tokenizer_for(cfg)
 

@@ -100,8 +100,11 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     if run_dir.is_dir():  # eval.json goes into the run: say now if it cannot, not after the model ran
         from loraforge.atomic import check_writable
+        from loraforge.ownership import lock_run_folder
+        from loraforge.rundir import check_run_dir
 
         check_writable(run_dir / EVAL_FILE, "eval:")
+        lock_run_folder(check_run_dir(run_dir), "loraforge eval")  # one writer: not while training writes it
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 10 == 0:

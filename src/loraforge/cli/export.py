@@ -25,7 +25,8 @@ def register(sub) -> None:
     merge.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     merge.add_argument("--dtype", choices=MERGE_DTYPES, default="auto",
                        help="weights' dtype [auto: the base checkpoint's own, float32 for the built-in tiny model]")
-    merge.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out folder that `loraforge "
+                       "merge` made (other folders are never replaced)")
     trust_option(merge)
     _hub_options(merge, "merged model")
     merge.set_defaults(handler=run_merge)
@@ -44,7 +45,7 @@ def register(sub) -> None:
     gguf.add_argument("--type", choices=GGUF_TYPES, default="f16",
                       help="weights: f16 (half size, near-exact), q8_0 (8-bit), q5_k_m / q4_k_m / q4_0 (5/4-bit, "
                       "what llama.cpp and Ollama users usually run; need llama-cpp-python), f32 (exact) [f16]")
-    gguf.add_argument("--force", action="store_true", help="replace an existing --out file")
+    gguf.add_argument("--force", action="store_true", help="replace an existing --out GGUF file")
     trust_option(gguf)
     gguf.set_defaults(handler=run_gguf)
 
@@ -54,7 +55,8 @@ def register(sub) -> None:
         "Copy it with --out, upload it with --push-to-hub, or both.")
     adapter.add_argument("run_dir", metavar="RUN_DIR")
     adapter.add_argument("--out", metavar="DIR", help="copy the adapter folder here")
-    adapter.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    adapter.add_argument("--force", action="store_true", help="replace an existing --out folder that `loraforge "
+                         "export adapter` made (other folders are never replaced)")
     _hub_options(adapter, "adapter")
     adapter.set_defaults(handler=run_adapter)
 
@@ -101,7 +103,8 @@ def run_adapter(args) -> int:
 
     from loraforge.errors import UserError
     from loraforge.atomic import written_whole
-    from loraforge.export.paths import check_output
+    from loraforge.export.paths import check_output, check_replaceable_output
+    from loraforge.ownership import ADAPTER, write_marker
     from loraforge.rundir import read_run
 
     if not args.out and not args.push_to_hub:
@@ -115,9 +118,11 @@ def run_adapter(args) -> int:
     info = read_run(args.run_dir, finished=True)
     folder = info.adapter_dir
     if args.out:
-        out = check_output(args.out, args.force)
-        with written_whole(out, folder=True) as tmp:
+        out = check_output(args.out, args.force, kind=ADAPTER, command="loraforge export adapter")
+        with written_whole(out, folder=True,
+                           before_replace=lambda: check_replaceable_output(out, "--out", ADAPTER)) as tmp:
             shutil.copytree(info.adapter_dir, tmp, dirs_exist_ok=True)
+            write_marker(tmp, ADAPTER)  # what a later --force may replace
         console.print(f"adapter (PEFT format, tokenizer, template.json): {out}", markup=False)
         folder = out
     if args.push_to_hub:

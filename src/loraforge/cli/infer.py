@@ -128,15 +128,16 @@ def _generate_file(args, sampling, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loraforge.atomic import written_whole
-    from loraforge.export.paths import check_output
+    from loraforge.export.paths import check_output, check_replaceable_output
     from loraforge.infer.batch import answer_rows, read_prompts
 
     rows = read_prompts(args.input)
     if args.output:
-        check_output(args.output, args.force, "--output")
+        check_output(args.output, args.force, "--output", command="loraforge generate")
     session = _load(args, console)
     columns = (TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with (written_whole(args.output) if args.output else contextlib.nullcontext()) as tmp, \
+    recheck = lambda: check_replaceable_output(args.output, "--output")  # noqa: E731
+    with (written_whole(args.output, before_replace=recheck) if args.output else contextlib.nullcontext()) as tmp, \
             (tmp.open("w", encoding="utf-8") if tmp else contextlib.nullcontext(sys.stdout)) as out, \
             Progress(*columns, console=console) as progress:  # progress on stderr: stdout stays pure JSONL
         task = progress.add_task("generate", total=len(rows))

@@ -10,7 +10,7 @@ def register(sub) -> None:
         description="Write RUN_DIR/report.html from the files in the run directory: resolved config, hardware and "
         "library versions, data report, loss/eval/learning-rate curves, tokens/s, trainable parameters, and "
         "the eval table and answers when `loraforge eval` has been run. Self-contained: one HTML file with "
-        "inline CSS and images, no JavaScript. Works on a run that is still training or was stopped.")
+        "inline CSS and images, no JavaScript. Works at any time, mid-training too.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loraforge train`")
     p.add_argument("--open", action="store_true", help="open the report in the default web browser")
     p.set_defaults(handler=run)
@@ -27,6 +27,8 @@ def run(args) -> int:
     from loraforge.evaluate.report import write_report
 
     check_config_file(Path(args.run_dir))
+    # No run-folder lock: the report only reads the run's files and replaces report.html whole, so it may be
+    # rebuilt while training runs (the lock is for the writers of the run's own records).
     try:
         path = write_report(Path(args.run_dir))
     except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:

@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the newest complete checkpoint of the run directory, or of PATH "
                    "(a run directory or one checkpoint)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty run directory that "
+                   "`loraforge train` made (other folders are never deleted)")
     p.add_argument("--devices", type=int, metavar="N",
                    help="train on N devices (GPUs; on a CPU, N processes): train.distributed picks ddp or fsdp. "
                    "Under torchrun / accelerate launch it is not needed")
@@ -66,18 +67,24 @@ def run(args) -> int:
 def _launch(args, cfg, devices: int) -> int:
     from loraforge.errors import UserError
     from loraforge.train.checkpoint import check_world
+    from loraforge.ownership import hand_lock_to_children
     from loraforge.train.launch import launch
-    from loraforge.train.resume import prepare_run_dir
+    from loraforge.train.resume import discard_if_unstarted, prepare_run_dir
 
     import torch
 
     if torch.cuda.is_available() and devices > torch.cuda.device_count():
         raise UserError(f"--devices {devices}: this machine has {torch.cuda.device_count()} GPU(s)")
     # Settled once, here: every mistake is reported before N processes start, and all ranks get one folder.
+    # This process holds the folder's lock for the whole run; rank 0, its child, writes under it.
     run_dir, checkpoint = prepare_run_dir(cfg, recipe_name(args.recipe), args.resume, args.overwrite)
     check_world(checkpoint, devices)
+    hand_lock_to_children()
     worker, env = worker_command(args, cfg, run_dir, checkpoint)
-    return launch(devices, worker, say=lambda m: print(m, file=sys.stderr), env=env)
+    status = launch(devices, worker, say=lambda m: print(m, file=sys.stderr), env=env)
+    if status != 0 and checkpoint is None:  # rank 0 emptied a run that failed before its first step
+        discard_if_unstarted(run_dir)
+    return status
 
 
 def worker_command(args, cfg, run_dir, checkpoint) -> tuple[list[str], dict[str, str]]:

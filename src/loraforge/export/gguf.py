@@ -262,7 +262,7 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False, trust_r
     shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     from loraforge.export.merge import merge_run
     from loraforge.atomic import written_whole
-    from loraforge.export.paths import check_output
+    from loraforge.export.paths import GGUF_MAGIC, check_output, check_replaceable_output
     from loraforge.infer.session import allow_run_code
     from loraforge.model.load import load_model_config
     from loraforge.rundir import CONFIG_FILE, read_run
@@ -271,15 +271,15 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False, trust_r
     if out_type not in GGUF_TYPES:
         raise UserError(f"--type {out_type}: choose one of {', '.join(GGUF_TYPES)}")
     if (source / "config.json").is_file() and not (source / CONFIG_FILE).is_file():
-        out = check_output(out, force)
+        out = check_output(out, force, magic=GGUF_MAGIC, command="loraforge export gguf")
         merged = load_merged_folder(source, trust_remote_code=trust_remote_code)
     else:
         info = read_run(source, finished=True)
         allow_run_code(info, trust_remote_code)
         check_architecture(load_model_config(info.cfg.model), f"the base of {source}")
-        out = check_output(out, force)
+        out = check_output(out, force, magic=GGUF_MAGIC, command="loraforge export gguf")
         merged = merge_run(info, torch.float32)
-    with written_whole(out) as tmp:
+    with written_whole(out, before_replace=lambda: check_replaceable_output(out, "--out", magic=GGUF_MAGIC)) as tmp:
         result = write_gguf(merged, tmp, out_type)
     result.path = out
     return result

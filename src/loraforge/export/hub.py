@@ -6,6 +6,7 @@ from pathlib import Path
 
 from loraforge.atomic import SCRATCH_PREFIXES
 from loraforge.errors import UserError, first_line
+from loraforge.ownership import BOOKKEEPING_FILES
 
 
 def check_push(repo_id: str) -> str:
@@ -48,7 +49,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, what: str = "mod
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(Path(folder)), repo_id=repo_id, repo_type="model",
                           commit_message=f"Upload {what} with loraforge",
-                          ignore_patterns=[f"{p}*" for p in SCRATCH_PREFIXES])
+                          ignore_patterns=[f"{p}*" for p in SCRATCH_PREFIXES] + list(BOOKKEEPING_FILES))
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = ("check that HF_TOKEN is set to a token with write access"

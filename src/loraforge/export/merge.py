@@ -107,13 +107,15 @@ def merge_to_folder(run_dir, out, dtype_name: str = "auto", force: bool = False,
     """`loraforge merge`: check everything, merge, and write `out` whole (it appears only when complete). Code
     shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     from loraforge.atomic import written_whole
-    from loraforge.export.paths import check_output
+    from loraforge.export.paths import check_output, check_replaceable_output
+    from loraforge.ownership import MERGED, write_marker
 
     info = read_run(run_dir, finished=True)
     allow_run_code(info, trust_remote_code)
-    out = check_output(out, force)
+    out = check_output(out, force, kind=MERGED, command="loraforge merge")
     dtype = resolve_merge_dtype(dtype_name, info)
     merged = merge_run(info, dtype)
-    with written_whole(out, folder=True) as tmp:
+    with written_whole(out, folder=True, before_replace=lambda: check_replaceable_output(out, "--out", MERGED)) as tmp:
         save_merged(merged, tmp, info.template_record)
+        write_marker(tmp, MERGED)  # what a later --force may replace
     return out, merged, dtype

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from loraforge.atomic import written_whole
+from loraforge.atomic import write_text_whole, written_whole
 from loraforge.config import RunConfig, save_config
 from loraforge.environment import environment_info
 from loraforge.errors import UserError
@@ -186,7 +186,7 @@ def _set_up(cfg: RunConfig, run_dir: Path, say) -> _Training:
     data = prepare(cfg.data, tokenizer, log=say)
     if ranks.is_main:
         save_config(cfg, run_dir / CONFIG_FILE)
-        (run_dir / TEMPLATE_FILE).write_text(json.dumps(data.template_record(), indent=1))
+        write_text_whole(run_dir / TEMPLATE_FILE, json.dumps(data.template_record(), indent=1))
         write_data_report(data, run_dir)
 
     model = load_base_model(cfg.model, dtype, device, base, shardable=ranks.sharded)
@@ -348,7 +348,7 @@ def _finish(t: _Training, cfg: RunConfig, run_dir: Path, state: TrainerState, la
                    compute_dtype=str(t.dtype).removeprefix("torch."), environment=environment_info(t.device))
     if t.ranks.collective:
         summary.update(devices=t.ranks.world, distributed=t.ranks.mode, memory_per_rank=memory)
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    write_text_whole(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return result
 
 

@@ -1,7 +1,10 @@
-"""Starting or resuming a training run: the run directory chosen, protected from silent overwrites, and
-checked against the config when resuming. Its layout is `loraforge.rundir`'s."""
+"""Starting or resuming a training run: the run directory chosen, locked for this one writer, protected from
+silent overwrites (only a folder loraforge made is emptied), and checked against the config when resuming.
+Its layout is `loraforge.rundir`'s; the marker and the lock are `loraforge.ownership`'s."""
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -11,9 +14,11 @@ import yaml
 
 from loraforge.config import RunConfig, key_paths
 from loraforge.errors import UserError
+from loraforge.ownership import (RUN, check_replaceable, foreign_entries, link_target, lock_run_folder, marker_kind,
+                                 write_marker)
 from loraforge.rundir import (ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILES, CHECKPOINT_RNG_FILE,
-                              CHECKPOINT_STATE_FILE, CONFIG_FILE, METRICS_FILE, RUN_MARKERS, SUMMARY_FILE,
-                              is_complete_checkpoint, latest_checkpoint, looks_like_run_dir)
+                              CHECKPOINT_STATE_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, is_complete_checkpoint,
+                              latest_checkpoint)
 
 # Keys whose change leaves a resumed run's numbers exactly as an uninterrupted run's: where
 # things are written, how often, and what is only observed (evaluation runs without gradients
@@ -82,8 +87,12 @@ def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
                         "--set flags), or start a new run with another --output-dir")
 
 
+TRAIN_COMMAND = "loraforge train"
+
+
 def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite: bool) -> tuple[Path, Optional[Path]]:
-    """Create or reuse the run directory; return it and the checkpoint to resume from (if any)."""
+    """Create or reuse the run directory and take its one-writer lock (held until the command ends); return
+    it and the checkpoint to resume from (if any). `overwrite` empties only a folder loraforge made."""
     if resume and resume != "latest" and not cfg.output_dir:
         checkpoint = find_resume_checkpoint(resume, Path(resume))
         run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else Path(resume)
@@ -96,24 +105,64 @@ def prepare_run_dir(cfg: RunConfig, name: str, resume: Optional[str], overwrite:
         source = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else run_dir
         check_resume_config(cfg, source)  # against the run that wrote the checkpoint
         if source.resolve() == run_dir.resolve():
+            lock_run_folder(run_dir, TRAIN_COMMAND)
             return run_dir, checkpoint
         # --resume OTHER_RUN --output-dir NEW: continue another run's checkpoint in a new folder.
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise UserError(f"run directory {run_dir} is a symbolic link to {link_target(run_dir)}, which does not "
+                        "exist; choose another --output-dir")
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} is a file; choose another --output-dir")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {run_dir} already exists and is not empty; "
-                            "use --resume to continue it, --overwrite to replace it, or another --output-dir")
-        if not looks_like_run_dir(run_dir) or run_dir.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
-            raise UserError(f"--overwrite: {run_dir} does not look like a loraforge run directory (no "
-                            f"{', '.join(RUN_MARKERS[:3])}), so it is not deleted; choose another --output-dir")
-        shutil.rmtree(run_dir)
+        raise UserError(f"run directory {run_dir} is a file, not a folder; choose another --output-dir")
+    if run_dir.is_dir() and foreign_entries(run_dir) and (overwrite or marker_kind(run_dir) != RUN):
+        _check_reusable(run_dir, overwrite)  # a folder not ours is refused before anything is written into it
+    created = _make_folders(run_dir)
+    lock_run_folder(run_dir, TRAIN_COMMAND)  # then a run folder another train is filling is named as busy
+    old = foreign_entries(run_dir)
+    if old:
+        _check_reusable(run_dir, overwrite)
+        for path in old:  # the folder itself stays, and with it the lock this command holds
+            _remove(path)
+    if old or marker_kind(run_dir) != RUN:
+        write_marker(run_dir, RUN)
+    _created_folders[os.path.realpath(run_dir)] = created
+    return run_dir, checkpoint
+
+
+def _check_reusable(run_dir: Path, overwrite: bool) -> None:
+    """A non-empty `run_dir` is reused only with --overwrite, and only when loraforge made it."""
+    if not overwrite:
+        raise UserError(f"run directory {run_dir} already exists and is not empty; "
+                        "use --resume to continue it, --overwrite to replace it, or another --output-dir")
+    check_replaceable(run_dir, RUN, "--overwrite", "choose another --output-dir")
+
+
+# Folders prepare_run_dir created in this process (the run folder and the parents it needed), per run folder:
+# what a fresh run that fails before its first step takes away again.
+_created_folders: dict[str, list[Path]] = {}
+
+
+def _make_folders(run_dir: Path) -> list[Path]:
+    """mkdir -p `run_dir`; returns the folders it created, innermost first."""
+    missing, folder = [], run_dir.absolute()
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # read-only, under a file, under /proc...
+        for made in missing:
+            with contextlib.suppress(OSError):
+                made.rmdir()
         raise UserError(f"run directory {run_dir} cannot be created: {e.strerror}; "
                         "choose another --output-dir") from None
-    return run_dir, checkpoint
+    return missing
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def finished_at(checkpoint: Optional[Path]) -> Optional[int]:
@@ -143,11 +192,22 @@ def is_unstarted(run_dir: Path) -> bool:
 
 
 def discard_if_unstarted(run_dir: Path) -> None:
-    """After a fresh run failed before its first step (bad data, a model that will not load), remove
-    the folder it created, so that fixing the mistake and running the same command again works."""
+    """After a fresh run failed before its first step (bad data, a model that will not load), take away what
+    it made - the folder and the parents it created, or, in a folder that was there (empty, or emptied by
+    --overwrite), what it wrote - so that fixing the mistake and running the same command again works."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir() and is_unstarted(run_dir):
+    if not run_dir.is_dir() or not is_unstarted(run_dir):
+        return
+    created = _created_folders.pop(os.path.realpath(run_dir), [])
+    if created:
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in created[1:]:  # innermost first; one the user filled meanwhile stays
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        return
+    for path in run_dir.iterdir():  # all of it this run's: a folder with anything else was refused or emptied
+        with contextlib.suppress(OSError):
+            _remove(path)
 
 
 def resume_command(recipe: Optional[str], overrides: list[str], run_dir: Path) -> str:
