@@ -116,6 +116,11 @@ def stop_token_ids(tokenizer, stop_strings) -> list[int]:
     return list(dict.fromkeys(eos + single_token_ids(tokenizer, stop_strings)))
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a prompt the training template rendered (it writes BOS itself)."""
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
 def context_length(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None)
 
