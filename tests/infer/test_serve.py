@@ -1,7 +1,7 @@
 """`loraforge serve RUN_DIR` through the official `openai` client and raw HTTP, against a real server process: greedy
 answers equal `loraforge generate --greedy`'s, streamed and not; two clients at once share a batch and each gets its
 own answer; 4xx errors in OpenAI's shape; the API key; a client that leaves mid-stream stops only its own
-generation."""
+generation; the web page in headless Chromium."""
 import http.client
 import json
 import socket
@@ -11,6 +11,7 @@ import time
 import openai
 import pytest
 
+from cdp_browser import CHROMIUM, Browser
 from cli_runner import run_cli
 from serve_runner import ServeProcess
 
@@ -205,3 +206,43 @@ def test_a_client_that_disconnects_mid_stream_stops_only_its_generation(server, 
     left_tokens = after["generated_tokens"] - before["generated_tokens"]
     assert left_tokens < 60 + 16, f"generation went on after the client left ({left_tokens} tokens)"
     assert server.health()["status"] == "ok"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: apt-get install chromium)")
+def test_the_web_page_chats_with_streamed_answers_in_a_real_browser(server, client, short_run, tmp_path):
+    question = CONVERSATIONS[0][0]["content"]
+    expected = client.chat.completions.create(model=short_run.name, messages=CONVERSATIONS[0], temperature=0,
+                                              max_tokens=24).choices[0].message.content
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.send("Page.navigate", {"url": server.url + "/"})
+        # the server wants a key: the page says so and asks for it
+        assert browser.wait_for("document.querySelector('#model').textContent === 'API key needed' && "
+                                "!document.querySelector('#key-row').hidden")
+        browser.evaluate(f"const k = document.querySelector('#key'); k.value = {json.dumps(API_KEY)}; "
+                         "k.dispatchEvent(new Event('change'))")
+        assert browser.wait_for(f"document.querySelector('#model').textContent === 'model: {short_run.name}'")
+        browser.evaluate("document.querySelector('#temperature').value = '0'; "
+                         "document.querySelector('#max-tokens').value = '24'; document.querySelector('#prompt').focus()")
+        browser.type_text(question)
+        browser.press_enter()
+        done = "document.querySelectorAll('.msg.assistant[data-done=\"true\"]').length"
+        browser.wait_for(f"{done} === 1")
+        assert browser.evaluate("[...document.querySelectorAll('.msg')].map(m => m.className + ':' + m.textContent)") \
+            == [f"msg user:{question}", f"msg assistant:{expected}"]
+
+        # a sampled, longer reply arrives in pieces: the bubble changes several times before it is done
+        browser.evaluate("document.querySelector('#temperature').value = '1.5'; "
+                         "document.querySelector('#max-tokens').value = '40'; window.updates = 0; "
+                         "new MutationObserver(() => window.updates++).observe(document.querySelector('#log'), "
+                         "{subtree: true, childList: true, characterData: true}); "
+                         "document.querySelector('#prompt').focus()")
+        browser.type_text("Tell me more.")
+        browser.press_enter()
+        browser.wait_for(f"{done} === 2")
+        last = browser.evaluate("(() => { const b = [...document.querySelectorAll('.msg.assistant')].pop(); "
+                                "return [b.textContent, b.dataset.finish, window.updates]; })()")
+        assert last[0].strip() and last[1] in ("stop", "length") and last[2] >= 4, last
+        assert browser.errors() == []
+    finally:
+        browser.close()

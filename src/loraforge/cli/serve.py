@@ -82,6 +82,9 @@ def run_serve(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     if api_key is not None and not api_key.strip():
         raise UserError(f"the API key is empty; give --api-key KEY or set {API_KEY_VARIABLE}")
+    from loraforge.infer.server.models import source_kind
+
+    source_kind(args.source)  # a wrong path fails before the port is taken
     sock = bind(args.host, args.port)
     try:
         return _serve(args, sock, api_key)

@@ -50,22 +50,28 @@ class ServedModel:
         return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
 
 
-def load_served_model(source, system: Optional[str] = None) -> ServedModel:
-    """The model at `source` ready to generate; `system` replaces the training system prompt."""
+def source_kind(source) -> tuple[str, Path]:
+    """("run" | "merged" | "gguf", path) for what SOURCE is, checked without loading anything."""
     path = Path(os.path.expanduser(str(source)))
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run directory, a merged folder or a .gguf file")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; give a run directory, a merged folder or a .gguf file")
-        return load_gguf(path, system)
+        return "gguf", path
     from loraforge.rundir import CONFIG_FILE
 
     if (path / CONFIG_FILE).is_file():
-        return load_run(path, system)
+        return "run", path
     if (path / "config.json").is_file():
-        return load_merged(path, system)
+        return "merged", path
     raise UserError(f"{path} is neither a run directory (no config.yaml) nor a merged model folder (no config.json)")
+
+
+def load_served_model(source, system: Optional[str] = None) -> ServedModel:
+    """The model at `source` ready to generate; `system` replaces the training system prompt."""
+    kind, path = source_kind(source)
+    return {"gguf": load_gguf, "run": load_run, "merged": load_merged}[kind](path, system)
 
 
 def load_run(run_dir: Path, system: Optional[str]) -> ServedModel:
