@@ -16,7 +16,7 @@ from loraforge import __version__
 from loraforge.errors import UserError, allocation, out_of_memory
 
 # Modules under loraforge.cli, each adding its sub-commands.
-COMMAND_MODULES = ["train", "recipes", "config_show", "data", "evaluate", "report", "infer", "export"]
+COMMAND_MODULES = ["train", "recipes", "config_show", "data", "evaluate", "report", "infer", "export", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,6 +95,10 @@ def run_gguf(args) -> int:
     template = "the training chat template" if result.chat_template else "no chat template"
     console.print(f"GGUF ({args.type}, {result.tensors} tensors, {result.vocab_size} tokens, {template}, "
                   f"{size:.1f} MiB): {result.path}\nrun it with llama.cpp: llama-cli -m {result.path} -cnv", markup=False)
+    if result.modelfile_note:
+        console.print(f"note: {result.modelfile_note}", markup=False)
+    console.print(f"Ollama Modelfile: {result.modelfile}\n  ollama create {result.path.stem} -f {result.modelfile}\n"
+                  f"serve it: loraforge serve {result.path}", markup=False)
     return 0
 
 

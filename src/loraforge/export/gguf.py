@@ -33,6 +33,8 @@ class GGUFResult:
     vocab_size: int
     chat_template: Optional[str]
     note: Optional[str]
+    modelfile: Optional[Path] = None  # the Ollama Modelfile written beside it
+    modelfile_note: Optional[str] = None
 
 
 def check_architecture(config, where: str) -> None:
@@ -174,6 +176,10 @@ def write_gguf(merged, path: Path, out_type: str) -> GGUFResult:
     special.add_special_token.update(added_special_tokens(merged.tokenizer))
     special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
+    if merged.template is not None:  # `loraforge serve FILE.gguf` chats in exactly the training template
+        from loraforge.infer.server.models import GGUF_TEMPLATE_KEY
+
+        writer.add_string(GGUF_TEMPLATE_KEY, json.dumps(merged.template.record(), ensure_ascii=False))
     eot = end_of_turn_id(merged)
     if eot is not None:
         writer.add_eot_token_id(eot)
@@ -262,6 +268,7 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False, trust_r
     shipped with the model runs only with `trust_remote_code` (the command line's flag)."""
     from loraforge.export.merge import merge_run
     from loraforge.atomic import written_whole
+    from loraforge.export.modelfile import modelfile_path
     from loraforge.export.paths import GGUF_MAGIC, check_output, check_replaceable_output
     from loraforge.infer.session import allow_run_code
     from loraforge.model.load import load_model_config
@@ -272,14 +279,33 @@ def export_gguf(source, out, out_type: str = "f16", force: bool = False, trust_r
         raise UserError(f"--type {out_type}: choose one of {', '.join(GGUF_TYPES)}")
     if (source / "config.json").is_file() and not (source / CONFIG_FILE).is_file():
         out = check_output(out, force, magic=GGUF_MAGIC, command="loraforge export gguf")
+        modelfile = check_output(modelfile_path(out), force, "the Modelfile")
         merged = load_merged_folder(source, trust_remote_code=trust_remote_code)
     else:
         info = read_run(source, finished=True)
         allow_run_code(info, trust_remote_code)
         check_architecture(load_model_config(info.cfg.model), f"the base of {source}")
         out = check_output(out, force, magic=GGUF_MAGIC, command="loraforge export gguf")
+        modelfile = check_output(modelfile_path(out), force, "the Modelfile")
         merged = merge_run(info, torch.float32)
     with written_whole(out, before_replace=lambda: check_replaceable_output(out, "--out", magic=GGUF_MAGIC)) as tmp:
         result = write_gguf(merged, tmp, out_type)
     result.path = out
+    result.modelfile, result.modelfile_note = write_modelfile(merged, out, modelfile)
     return result
+
+
+def write_modelfile(merged, gguf_path: Path, path: Path) -> tuple[Path, Optional[str]]:
+    """The Ollama Modelfile for the GGUF file at `gguf_path` (see export/modelfile.py); (its path, a note)."""
+    from loraforge.atomic import written_whole
+    from loraforge.data.templates import get_template
+    from loraforge.export.modelfile import modelfile_text
+
+    template = merged.template
+    if template is None and getattr(merged.tokenizer, "chat_template", None):
+        template = get_template("tokenizer", merged.tokenizer)
+    text, note = modelfile_text(gguf_path.name, template, added_special_tokens(merged.tokenizer)["bos"],
+                                getattr(merged.model.config, "max_position_embeddings", None))
+    with written_whole(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path, note
