@@ -136,7 +136,12 @@ def test_hub_arguments_are_passed(tok, monkeypatch):
     p = run(tok, datasets=[{"path": "org/set", "subset": "en", "revision": "abc", "split": "train"}])
     assert seen == {"path": "org/set", "name": "en", "split": "train", "revision": "abc"}  # no trust_remote_code
     assert p.report["sources"][0]["kind"] == "hub"
-    run(tok, datasets=[{"path": "org/set", "trust_remote_code": True}])
+    asking = [{"path": "org/set", "trust_remote_code": True}]
+    with pytest.raises(UserError, match="add --trust-remote-code to this command"):  # a setting alone never does
+        run(tok, datasets=asking)
+    data = DataSettings.model_validate({"datasets": asking})
+    data.datasets[0]._remote_code_allowed = True  # what RunConfig.allow_remote_code sets for --trust-remote-code
+    prepare(data, tok, log=lambda s: None)
     assert seen["trust_remote_code"] is True
 
 
